@@ -1,0 +1,77 @@
+# knowstream developer commands. `make up` starts the embedded stack; `make test` runs the tests.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+GEN := services/gen
+PROTOS := $(shell find protos -name '*.proto')
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup proto up down status test test-unit test-integration lint fmt typecheck bench clean
+
+help:
+	@echo "make setup   create $(VENV) and install everything (pinned)"
+	@echo "make up      start broker, Redis (if none answers) and every service; waits for SERVING"
+	@echo "make down    stop what 'make up' started"
+	@echo "make status  show each component"
+	@echo "make test    run the test suite (starts its own stack on free ports)"
+	@echo "make lint    ruff + ruff format --check + mypy"
+	@echo "make bench   run the benchmarks against the running stack"
+
+$(STAMP): requirements.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	# torch first, alone and pinned: any other spec would pull the CUDA build from the index.
+	$(PIP) install "torch==2.13.0"
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -e .
+	# Generated protobuf modules live in $(GEN) (not committed); make them importable.
+	echo "$(CURDIR)/$(GEN)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/knowstream-gen.pth
+	touch $(STAMP)
+
+setup: $(STAMP) proto
+
+$(GEN)/.stamp: $(PROTOS) $(STAMP)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) \
+		--grpc_python_out=$(GEN) $(PROTOS)
+	find $(GEN)/knowstream -type d -exec touch {}/__init__.py \;
+	touch $@
+
+proto: $(GEN)/.stamp
+
+up: setup
+	$(PY) -m deploy.stack up
+
+down:
+	@test -x $(PY) && $(PY) -m deploy.stack down || echo "nothing to stop (no $(VENV))"
+
+status:
+	$(PY) -m deploy.stack status
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: setup
+	$(PY) -m bench.retrieval --data ../shared/data/pubmedqa/labeled.json --json
+	$(PY) -m bench.freshness --json
+	$(PY) -m bench.search --json
+
+clean:
+	rm -rf $(GEN) .run .pytest_cache .mypy_cache .ruff_cache

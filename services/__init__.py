@@ -1,0 +1,1 @@
+"""knowstream services: one package per service plus the shared library in ``services.common``."""

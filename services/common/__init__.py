@@ -1,0 +1,1 @@
+"""Shared library: settings, logging, metrics, Kafka, Redis and gRPC server wiring."""

@@ -1,0 +1,214 @@
+"""gRPC server wiring shared by every service: health, reflection, interceptors, readiness and
+graceful shutdown.
+
+A service builds a :class:`GrpcApp`, registers its servicer, adds readiness checks and
+start/stop hooks, and awaits :meth:`GrpcApp.serve`. Health stays NOT_SERVING until every
+readiness check passes, and flips back when one fails (a lost broker or Redis shows up in
+``grpc.health.v1`` within one check interval).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.metrics import RPC_LATENCY
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], Awaitable[bool]]
+Hook = Callable[[], Awaitable[Any]]
+
+# Large enough that an oversized document reaches our own validation (and gets a clear
+# INVALID_ARGUMENT) instead of gRPC's generic RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Times every RPC, labels it with its status code, and turns unexpected exceptions into
+    INTERNAL with a message instead of a bare UNKNOWN."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        service = self.service
+
+        def observe(start: float, context: grpc.aio.ServicerContext) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+            RPC_LATENCY.labels(service, method, name).observe(time.perf_counter() - start)
+
+        async def guard(call: Awaitable[Any], context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            try:
+                return await call
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                request_id = uuid.uuid4().hex[:12]
+                log.exception("unhandled error in %s", method, extra={"request_id": request_id})
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc} "
+                    f"[request {request_id}]"
+                )
+            finally:
+                observe(start, context)
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request, context):  # type: ignore[no-untyped-def]
+                return await guard(inner_uu(request, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator, context):  # type: ignore[no-untyped-def]
+                return await guard(inner_su(request_iterator, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+class GrpcApp:
+    def __init__(self, name: str, host: str, port: int, grace_s: float = 5.0):
+        self.name = name
+        self.address = f"{host}:{port}"
+        self.grace_s = grace_s
+        self.server = grpc.aio.server(
+            interceptors=[ObservabilityInterceptor(name)], options=CHANNEL_OPTIONS
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names: list[str] = []
+        self._checks: list[tuple[str, Check]] = []
+        self._on_start: list[Hook] = []
+        self._on_stop: list[Hook] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = asyncio.Event()
+        self.serving = False
+
+    def add_service(self, full_name: str) -> None:
+        """Names a registered service for reflection and per-service health."""
+        self._service_names.append(full_name)
+
+    def add_check(self, name: str, check: Check) -> None:
+        self._checks.append((name, check))
+
+    def on_start(self, hook: Hook) -> None:
+        """Runs after the port is bound, before readiness checks: connect, load, subscribe."""
+        self._on_start.append(hook)
+
+    def on_stop(self, hook: Hook) -> None:
+        """Runs after the server stopped taking calls, in reverse order of registration."""
+        self._on_stop.append(hook)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> None:
+        """Runs a background task; its failure stops the service (a dead consumer must not hide
+        behind a SERVING health status)."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or self._stopping.is_set():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background task %s failed: %r; stopping", task.get_name(), exc,
+                      exc_info=exc)
+            self._stopping.set()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def _set_status(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+        if serving != self.serving:
+            log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+        self.serving = serving
+
+    async def _readiness_loop(self, interval_s: float = 1.0) -> None:
+        while not self._stopping.is_set():
+            failed = []
+            for name, check in self._checks:
+                try:
+                    ok = await asyncio.wait_for(check(), timeout=max(interval_s, 2.0))
+                except Exception:
+                    ok = False
+                if not ok:
+                    failed.append(name)
+            if failed and self.serving:
+                log.warning("dependencies not ready: %s", ", ".join(failed))
+            await self._set_status(not failed)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=interval_s)
+            except TimeoutError:
+                pass
+
+    async def serve(self) -> None:
+        reflection.enable_server_reflection(
+            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self.server,
+        )
+        if self.server.add_insecure_port(self.address) == 0:
+            raise RuntimeError(f"cannot bind {self.address}")
+        await self._set_status(False)
+        await self.server.start()
+        log.info("%s listening on %s", self.name, self.address)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            for hook in self._on_start:
+                await hook()
+            self.spawn(self._readiness_loop(), "readiness")
+            await self._stopping.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        log.info("shutting down")
+        await self._set_status(False)
+        await self.server.stop(self.grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for hook in reversed(self._on_stop):
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        log.info("stopped")

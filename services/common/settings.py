@@ -1,0 +1,61 @@
+"""Settings shared by every service, read from the environment (prefix ``KS_``).
+
+Each service extends :class:`CommonSettings` with its own knobs under its own prefix. Invalid
+values fail at start-up, not on first use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KS_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address every service and component binds to.")
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Key prefix in Redis so that several stacks (or the tests) can share one Redis server.
+    redis_prefix: str = "ks"
+
+    ingest_port: int = 50051
+    embed_port: int = 50052
+    retrieve_port: int = 50053
+
+    topic_raw_documents: str = "ks.documents.raw"
+    topic_chunks: str = "ks.chunks"
+    topic_embedded: str = "ks.chunks.embedded"
+    # Every topic that can receive bad data has "<topic><suffix>" as its dead-letter topic.
+    dlq_suffix: str = ".dlq"
+    topic_partitions: int = Field(4, ge=1, le=256)
+
+    # Consumer-group tuning. The embedded broker (Tansu) takes about half the session timeout to
+    # complete a group join, so a short session timeout keeps restarts quick.
+    kafka_session_timeout_ms: int = Field(10_000, ge=6_000)
+    kafka_heartbeat_interval_ms: int = Field(1_000, ge=100)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    # Deadline for calls from one service to another (e.g. retrieve -> embed).
+    rpc_timeout_s: float = Field(10.0, gt=0)
+
+    embed_model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="Embedding model: a name known to services.common.models or a local path.",
+    )
+
+    def dlq(self, topic: str) -> str:
+        return f"{topic}{self.dlq_suffix}"
+
+    def address(self, port: int) -> str:
+        return f"{self.host}:{port}"
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.redis_prefix, *parts))
