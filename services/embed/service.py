@@ -1,0 +1,88 @@
+"""Embed service: the faust chunk stream and the gRPC EmbedService in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import numpy as np
+
+from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
+from services.common.grpcserver import GrpcApp
+from services.common.logs import setup_logging
+from services.common.metrics import start_metrics_server
+from services.common.models import resolve_model_dir
+from services.common.net import kafka_alive
+from services.embed.embedder import Embedder
+from services.embed.settings import EmbedSettings
+from services.embed.stream import build_app
+
+log = logging.getLogger(__name__)
+
+
+class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
+    def __init__(self, embedder: Embedder, max_texts: int):
+        self.embedder = embedder
+        self.max_texts = max_texts
+
+    async def Embed(self, request, context):  # type: ignore[no-untyped-def]
+        texts = list(request.texts)
+        if not texts:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no texts to embed")
+        if len(texts) > self.max_texts:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{len(texts)} texts; the limit is {self.max_texts}")
+        if any(not t.strip() for t in texts):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty text in the request")
+        vectors = await asyncio.to_thread(self.embedder.embed, texts)
+        return embed_pb2.EmbedResponse(
+            embeddings=[embed_pb2.Embedding(values=v.tolist()) for v in vectors],
+            model=self.embedder.name, dimension=self.embedder.dimension)
+
+    async def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
+        return embed_pb2.ModelInfo(model=self.embedder.name, dimension=self.embedder.dimension,
+                                   max_tokens=self.embedder.max_tokens)
+
+
+async def main() -> None:
+    settings = EmbedSettings()
+    setup_logging("embed", settings.log_level, settings.log_format)
+    start_metrics_server(settings.embed_metrics_port, settings.host)
+    embedder = Embedder(resolve_model_dir(settings.embed_model), settings.embed_model,
+                        settings.embed_max_tokens, settings.embed_forward_batch,
+                        settings.embed_bf16, settings.embed_threads or None)
+
+    async def embed(texts: list[str]) -> np.ndarray:
+        return await asyncio.to_thread(embedder.embed, texts)
+
+    app = GrpcApp("embed", settings.host, settings.embed_port, settings.shutdown_grace_s)
+    embed_pb2_grpc.add_EmbedServiceServicer_to_server(
+        EmbedServicer(embedder, settings.embed_max_texts), app.server)
+    app.add_service(embed_pb2.DESCRIPTOR.services_by_name["EmbedService"].full_name)
+    stream_app = build_app(settings, embed, settings.embed_model)
+    started = asyncio.Event()
+
+    async def start() -> None:
+        async def run_stream() -> None:
+            await stream_app.start()
+            started.set()
+            # faust supervises its own agents; this task only notices when it has crashed.
+            while not stream_app.should_stop:
+                await asyncio.sleep(1)
+            raise RuntimeError("faust app stopped")
+
+        app.spawn(run_stream(), "chunk-stream")
+
+    async def stop() -> None:
+        # faust commits the offsets of processed events and flushes its producer on stop.
+        await stream_app.stop()
+
+    async def stream_ready() -> bool:
+        return started.is_set()
+
+    app.on_start(start)
+    app.on_stop(stop)
+    app.add_check("kafka", lambda: kafka_alive(settings.kafka_bootstrap))
+    app.add_check("chunk-stream", stream_ready)
+    await app.serve()

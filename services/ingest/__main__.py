@@ -1,0 +1,5 @@
+import asyncio
+
+from services.ingest.service import main
+
+asyncio.run(main())

@@ -1,0 +1,5 @@
+import asyncio
+
+from services.retrieve.service import main
+
+asyncio.run(main())
