@@ -16,7 +16,7 @@ from services.common.models import resolve_model_dir
 from services.common.net import kafka_alive
 from services.embed.embedder import Embedder
 from services.embed.settings import EmbedSettings
-from services.embed.stream import build_app
+from services.embed.stream import StreamHealth, build_app
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ async def main() -> None:
     embed_pb2_grpc.add_EmbedServiceServicer_to_server(
         EmbedServicer(embedder, settings.embed_max_texts), app.server)
     app.add_service(embed_pb2.DESCRIPTOR.services_by_name["EmbedService"].full_name)
-    stream_app = build_app(settings, embed, settings.embed_model)
+    stream_health = StreamHealth()
+    stream_app = build_app(settings, embed, settings.embed_model, stream_health)
     started = asyncio.Event()
 
     async def start() -> None:
@@ -79,7 +80,7 @@ async def main() -> None:
         await stream_app.stop()
 
     async def stream_ready() -> bool:
-        return started.is_set()
+        return started.is_set() and stream_health.healthy()
 
     app.on_start(start)
     app.on_stop(stop)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -63,7 +64,20 @@ async def process_batch(
     return [(k, e.SerializeToString()) for _, k, e in outputs], rejects
 
 
-def build_app(settings: EmbedSettings, embed: EmbedFn, model: str) -> faust.App:
+class StreamHealth:
+    """faust restarts a crashed agent after a pause; until it runs again, health says so."""
+
+    def __init__(self) -> None:
+        self.crashed_at: float | None = None
+        self.last_error = ""
+
+    def healthy(self, window_s: float = 15.0) -> bool:
+        return self.crashed_at is None or time.monotonic() - self.crashed_at > window_s
+
+
+def build_app(settings: EmbedSettings, embed: EmbedFn, model: str,
+              health: StreamHealth | None = None) -> faust.App:
+    health = health or StreamHealth()
     app = faust.App(
         settings.embed_group,
         broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
@@ -89,8 +103,16 @@ def build_app(settings: EmbedSettings, embed: EmbedFn, model: str) -> faust.App:
 
     @app.agent(chunks, concurrency=1)
     async def embed_chunks(stream: Any) -> None:
-        async for batch in stream.events().take(settings.embed_stream_batch,
-                                                within=settings.embed_stream_wait_s):
+        try:
+            await _consume(stream)
+        except Exception as exc:
+            health.crashed_at = time.monotonic()
+            health.last_error = repr(exc)
+            raise
+
+    async def _consume(stream: Any) -> None:
+        async for batch in stream.take_events(settings.embed_stream_batch,
+                                              within=settings.embed_stream_wait_s):
             EVENTS_CONSUMED.labels("embed", settings.topic_chunks).inc(len(batch))
             outputs, rejects = await process_batch(
                 [(e.message.key, e.message.value) for e in batch], embed, model)

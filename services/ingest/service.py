@@ -148,7 +148,7 @@ async def main() -> None:
 
     chunker = Chunker(load_tokenizer(settings.embed_model), settings.ingest_chunk_tokens,
                       settings.ingest_chunk_overlap)
-    pipeline = IngestPipeline(chunker, RedisDocumentRegistry(redis, settings.redis_prefix),
+    pipeline = IngestPipeline(chunker, RedisDocumentRegistry(redis, settings.redis_prefix, settings.ingest_inflight_s),
                               publish, settings.topic_chunks, settings.ingest_max_document_bytes)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(pipeline, settings.ingest_max_batch), app.server)

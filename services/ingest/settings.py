@@ -15,3 +15,5 @@ class IngestSettings(CommonSettings):
     ingest_chunk_overlap: int = Field(32, ge=0)
     ingest_metrics_port: int = 0
     ingest_raw_group: str = "ks-ingest-raw"
+    # How long an accepted but not yet indexed version counts as "unchanged" for dedup.
+    ingest_inflight_s: float = Field(60.0, ge=0)

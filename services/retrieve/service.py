@@ -89,9 +89,21 @@ class Indexer:
 
     async def seek_to_stored(self, partitions: set[TopicPartition]) -> None:
         offsets = await self.store.offsets()
+        ends = await self.consumer.end_offsets(list(partitions)) if partitions else {}
         for tp in partitions:
-            if tp.partition in offsets:
-                self.consumer.seek(tp, offsets[tp.partition])
+            stored = offsets.get(tp.partition)
+            if stored is None:
+                continue
+            if stored > ends.get(tp, stored):
+                # The log is shorter than what was consumed: the broker lost its data (the
+                # embedded broker keeps nothing across a restart). Indexed chunks stay in Redis;
+                # read the new log from its start.
+                log.warning("partition %d ends at %d, below the stored offset %d: the log was "
+                            "reset; reading it from the start", tp.partition, ends[tp], stored)
+                await self.store.reset_offset(tp.partition)
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, stored)
 
     def _check(self, event: events_pb2.KnowledgeEvent) -> None:
         if event.WhichOneof("kind") == "embedded":
@@ -107,6 +119,9 @@ class Indexer:
 
     async def handle(self, tp: TopicPartition, records: list) -> None:  # type: ignore[type-arg]
         stored = (await self.store.offsets()).get(tp.partition, -1)
+        if records and stored > records[-1].offset + 1 and stored > await self._end(tp):
+            await self.seek_to_stored({tp})  # log reset while assigned
+            return
         good: list[tuple[int, int, events_pb2.KnowledgeEvent]] = []
         for record in records:
             if record.offset < stored:
@@ -124,6 +139,9 @@ class Indexer:
             good.append((tp.partition, record.offset, event))
         await self._apply(good)
         await self.consumer.commit({tp: records[-1].offset + 1})
+
+    async def _end(self, tp: TopicPartition) -> int:
+        return int((await self.consumer.end_offsets([tp]))[tp])
 
     async def _apply(self, good: list[tuple[int, int, events_pb2.KnowledgeEvent]]) -> None:
         if not good:

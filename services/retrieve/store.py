@@ -130,6 +130,9 @@ class ChunkStore:
         await self.client.eval(_ADVANCE + "advance(KEYS[1], ARGV[1], tonumber(ARGV[2]))", 1,
                                self.offsets_key, partition, offset)
 
+    async def reset_offset(self, partition: int) -> None:
+        await self.client.hdel(self.offsets_key, str(partition))
+
     async def offsets(self) -> dict[int, int]:
         """Next offset to consume per partition."""
         raw = await self.client.hgetall(self.offsets_key)
