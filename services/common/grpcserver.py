@@ -37,6 +37,33 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class _Undecodable:
+    """Stands in for a request message that failed to parse (e.g. invalid UTF-8 in a string
+    field), so the handler can answer INVALID_ARGUMENT instead of gRPC's generic INTERNAL."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _tolerant(deserializer):  # type: ignore[no-untyped-def]
+    def parse(data: bytes):  # type: ignore[no-untyped-def]
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def _bad_request_message(error: str) -> str:
+    return (f"request could not be decoded ({error}); string fields must be valid UTF-8 and "
+            "the message must match the service's schema")
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Times every RPC, labels it with its status code, and turns unexpected exceptions into
     INTERNAL with a message instead of a bare UNKNOWN."""
@@ -62,6 +89,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 return await call
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
+            except _BadRequest as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Exception as exc:
                 request_id = uuid.uuid4().hex[:12]
                 log.exception("unhandled error in %s", method, extra={"request_id": request_id})
@@ -76,19 +105,30 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request, context):  # type: ignore[no-untyped-def]
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        _bad_request_message(request.error))
                 return await guard(inner_uu(request, context), context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, _tolerant(handler.request_deserializer),
+                handler.response_serializer
             )
         if handler.stream_unary:
             inner_su = handler.stream_unary
 
+            async def checked(request_iterator):  # type: ignore[no-untyped-def]
+                async for request in request_iterator:
+                    if isinstance(request, _Undecodable):
+                        raise _BadRequest(_bad_request_message(request.error))
+                    yield request
+
             async def stream_unary(request_iterator, context):  # type: ignore[no-untyped-def]
-                return await guard(inner_su(request_iterator, context), context)
+                return await guard(inner_su(checked(request_iterator), context), context)
 
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer
+                stream_unary, _tolerant(handler.request_deserializer),
+                handler.response_serializer
             )
         return handler
 

@@ -69,6 +69,7 @@ class HybridIndex:
         self._source = np.full(1024, -1, dtype=np.int32)
         self._domains = _Codes()
         self._sources = _Codes()
+        self.exact_scan_limit = 2000
 
     def __len__(self) -> int:
         return len(self.records)
@@ -162,11 +163,26 @@ class HybridIndex:
 
     def search_dense(self, vector: np.ndarray, k: int, filters: Filters,
                      mask: np.ndarray | None) -> list[tuple[int, float]]:
+        if mask is not None:
+            allowed_ids = np.flatnonzero(mask)
+            # A graph index explores a neighbourhood and can miss the few allowed chunks of a
+            # selective filter; below this size an exact scan of them is also cheaper.
+            if len(allowed_ids) <= max(self.exact_scan_limit, len(self.records) // 20):
+                return self._exact(vector, allowed_ids, k)
         allowed = mask
         if allowed is None and getattr(self.dense, "needs_mask", False):
             allowed = self._live
         return [(i, s) for i, s in self.dense.search(vector, k, allowed, filters)
                 if i in self.records]
+
+    def _exact(self, vector: np.ndarray, ids: np.ndarray, k: int) -> list[tuple[int, float]]:
+        ids = np.asarray([i for i in ids if int(i) in self.records], dtype=np.int64)
+        if not len(ids):
+            return []
+        matrix = np.stack([self.records[int(i)].vector for i in ids])
+        scores = matrix @ vector.astype(np.float32)
+        top = np.argsort(-scores)[:k]
+        return [(int(ids[t]), float(scores[t])) for t in top]
 
     def search_bm25(self, query: str, k: int, mask: np.ndarray | None
                     ) -> list[tuple[int, float]]:
