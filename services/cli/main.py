@@ -27,8 +27,9 @@ def load_documents(path: Path) -> Iterator[ingest_pb2.Document]:
         return
     if path.suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and all(isinstance(v, dict) and "CONTEXTS" in v
-                                          for v in data.values()):
+        if isinstance(data, dict) and all(
+            isinstance(v, dict) and "CONTEXTS" in v for v in data.values()
+        ):
             for pmid, item in data.items():
                 yield pubmedqa_document(pmid, item)
             return
@@ -37,17 +38,24 @@ def load_documents(path: Path) -> Iterator[ingest_pb2.Document]:
             yield _document(obj, f"{path}[{n}]")
         return
     text = path.read_text(encoding="utf-8", errors="strict")
-    yield ingest_pb2.Document(id=str(path), title=path.stem, text=text,
-                              metadata=events_pb2.DocumentMetadata(source=str(path)))
+    yield ingest_pb2.Document(
+        id=str(path),
+        title=path.stem,
+        text=text,
+        metadata=events_pb2.DocumentMetadata(source=str(path)),
+    )
 
 
 def pubmedqa_document(pmid: str, item: dict) -> ingest_pb2.Document:  # type: ignore[type-arg]
     """A PubMedQA item as a document: its id is the PubMed id, its text the joined CONTEXTS.
     The question is not part of the document (it would leak the evaluation query)."""
     return ingest_pb2.Document(
-        id=str(pmid), text="\n".join(item["CONTEXTS"]),
+        id=str(pmid),
+        text="\n".join(item["CONTEXTS"]),
         metadata=events_pb2.DocumentMetadata(
-            source="pubmedqa", domain="medicine", tags=item.get("MESHES", [])[:32]))
+            source="pubmedqa", domain="medicine", tags=item.get("MESHES", [])[:32]
+        ),
+    )
 
 
 def _document(obj: dict, where: str) -> ingest_pb2.Document:  # type: ignore[type-arg]
@@ -55,12 +63,16 @@ def _document(obj: dict, where: str) -> ingest_pb2.Document:  # type: ignore[typ
         raise SystemExit(f"{where}: expected a JSON object")
     meta = obj.get("metadata") or {}
     return ingest_pb2.Document(
-        id=str(obj.get("id", "")), title=str(obj.get("title", "")), text=str(obj.get("text", "")),
+        id=str(obj.get("id", "")),
+        title=str(obj.get("title", "")),
+        text=str(obj.get("text", "")),
         metadata=events_pb2.DocumentMetadata(
             source=str(meta.get("source", obj.get("source", where.split(":")[0]))),
             domain=str(meta.get("domain", obj.get("domain", ""))),
             tags=[str(t) for t in meta.get("tags", obj.get("tags", []))],
-            attributes={str(k): str(v) for k, v in meta.get("attributes", {}).items()}))
+            attributes={str(k): str(v) for k, v in meta.get("attributes", {}).items()},
+        ),
+    )
 
 
 def cmd_ingest(args: argparse.Namespace, settings: CommonSettings) -> int:
@@ -92,37 +104,58 @@ def cmd_ingest(args: argparse.Namespace, settings: CommonSettings) -> int:
     if args.json:
         print(json.dumps({**totals, "documents": len(docs)}))
     else:
-        print(f"{len(docs)} documents: {totals['accepted']} accepted, {totals['unchanged']} "
-              f"unchanged, {totals['rejected']} rejected")
+        print(
+            f"{len(docs)} documents: {totals['accepted']} accepted, {totals['unchanged']} "
+            f"unchanged, {totals['rejected']} rejected"
+        )
     return 0 if not totals["rejected"] else 2
 
 
-MODE_NAMES = {"hybrid": retrieve_pb2.SEARCH_MODE_HYBRID, "dense": retrieve_pb2.SEARCH_MODE_DENSE,
-              "bm25": retrieve_pb2.SEARCH_MODE_BM25}
+MODE_NAMES = {
+    "hybrid": retrieve_pb2.SEARCH_MODE_HYBRID,
+    "dense": retrieve_pb2.SEARCH_MODE_DENSE,
+    "bm25": retrieve_pb2.SEARCH_MODE_BM25,
+}
 
 
 def cmd_search(args: argparse.Namespace, settings: CommonSettings) -> int:
     stub = retrieve_pb2_grpc.RetrieveServiceStub(
-        sync_channel(settings.address(settings.retrieve_port)))
+        sync_channel(settings.address(settings.retrieve_port))
+    )
     request = retrieve_pb2.SearchRequest(
-        query=args.query, k=args.k, mode=MODE_NAMES[args.mode],
-        filters=retrieve_pb2.SearchFilters(domains=args.domain or [], sources=args.source or []))
+        query=args.query,
+        k=args.k,
+        mode=MODE_NAMES[args.mode],
+        filters=retrieve_pb2.SearchFilters(domains=args.domain or [], sources=args.source or []),
+    )
     try:
         reply = stub.Search(request, timeout=args.timeout)
     except grpc.RpcError as exc:
         print(f"search failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    hits = [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "score": round(h.score, 5),
-             "dense_score": round(h.dense_score, 4), "bm25_score": round(h.bm25_score, 3),
-             "domain": h.metadata.domain, "source": h.metadata.source, "title": h.title,
-             "text": h.text} for h in reply.hits]
+    hits = [
+        {
+            "doc_id": h.doc_id,
+            "chunk_id": h.chunk_id,
+            "score": round(h.score, 5),
+            "dense_score": round(h.dense_score, 4),
+            "bm25_score": round(h.bm25_score, 3),
+            "domain": h.metadata.domain,
+            "source": h.metadata.source,
+            "title": h.title,
+            "text": h.text,
+        }
+        for h in reply.hits
+    ]
     if args.json:
         print(json.dumps({"hits": hits, "total_ms": round(reply.total_ms, 2)}))
         return 0
     for rank, h in enumerate(hits, start=1):
         snippet = " ".join(h["text"].split())[:160]
-        print(f"{rank:>2}. {h['doc_id']}  [{h['chunk_id'].rsplit('#', 1)[-1]}]  "
-              f"score={h['score']:.4f} dense={h['dense_score']:.3f} bm25={h['bm25_score']:.2f}")
+        print(
+            f"{rank:>2}. {h['doc_id']}  [{h['chunk_id'].rsplit('#', 1)[-1]}]  "
+            f"score={h['score']:.4f} dense={h['dense_score']:.3f} bm25={h['bm25_score']:.2f}"
+        )
         print(f"    {snippet}")
     print(f"({len(hits)} hits in {reply.total_ms:.1f} ms)")
     return 0
@@ -135,24 +168,30 @@ def cmd_status(args: argparse.Namespace, settings: CommonSettings) -> int:
     stats = None
     try:
         stub = retrieve_pb2_grpc.RetrieveServiceStub(
-            sync_channel(settings.address(settings.retrieve_port)))
+            sync_channel(settings.address(settings.retrieve_port))
+        )
         stats = stub.GetIndexStats(retrieve_pb2.GetIndexStatsRequest(), timeout=3)
     except grpc.RpcError:
         pass
     if args.json:
         out: dict[str, object] = {"components": rows}
         if stats is not None:
-            out["index"] = {"chunks": stats.chunks, "documents": stats.documents,
-                            "pending_chunks": stats.pending_chunks,
-                            "bm25_lag_chunks": stats.bm25_lag_chunks,
-                            "dense_backend": stats.dense_backend}
+            out["index"] = {
+                "chunks": stats.chunks,
+                "documents": stats.documents,
+                "pending_chunks": stats.pending_chunks,
+                "bm25_lag_chunks": stats.bm25_lag_chunks,
+                "dense_backend": stats.dense_backend,
+            }
         print(json.dumps(out))
     else:
         print_status(rows)
         if stats is not None:
-            print(f"\nindex: {stats.documents} documents, {stats.chunks} chunks "
-                  f"({stats.pending_chunks} pending, {stats.bm25_lag_chunks} awaiting BM25), "
-                  f"dense backend {stats.dense_backend}")
+            print(
+                f"\nindex: {stats.documents} documents, {stats.chunks} chunks "
+                f"({stats.pending_chunks} pending, {stats.bm25_lag_chunks} awaiting BM25), "
+                f"dense backend {stats.dense_backend}"
+            )
     return 0 if all(r["state"] in ("UP", "SERVING") for r in rows) else 3
 
 

@@ -60,8 +60,10 @@ def _tolerant(deserializer):  # type: ignore[no-untyped-def]
 
 
 def _bad_request_message(error: str) -> str:
-    return (f"request could not be decoded ({error}); string fields must be valid UTF-8 and "
-            "the message must match the service's schema")
+    return (
+        f"request could not be decoded ({error}); string fields must be valid UTF-8 and "
+        "the message must match the service's schema"
+    )
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
@@ -95,8 +97,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 request_id = uuid.uuid4().hex[:12]
                 log.exception("unhandled error in %s", method, extra={"request_id": request_id})
                 await context.abort(
-                    grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc} "
-                    f"[request {request_id}]"
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error ({type(exc).__name__}): {exc} [request {request_id}]",
                 )
             finally:
                 observe(start, context)
@@ -106,13 +108,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request, context):  # type: ignore[no-untyped-def]
                 if isinstance(request, _Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        _bad_request_message(request.error))
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, _bad_request_message(request.error)
+                    )
                 return await guard(inner_uu(request, context), context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, _tolerant(handler.request_deserializer),
-                handler.response_serializer
+                unary_unary, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         if handler.stream_unary:
             inner_su = handler.stream_unary
@@ -127,8 +129,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 return await guard(inner_su(checked(request_iterator), context), context)
 
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary, _tolerant(handler.request_deserializer),
-                handler.response_serializer
+                stream_unary, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         return handler
 
@@ -141,7 +142,7 @@ class GrpcApp:
         self.server = grpc.aio.server(
             interceptors=[ObservabilityInterceptor(name)], options=CHANNEL_OPTIONS
         )
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
         self._checks: list[tuple[str, Check]] = []
@@ -179,8 +180,7 @@ class GrpcApp:
             return
         exc = task.exception()
         if exc is not None:
-            log.error("background task %s failed: %r; stopping", task.get_name(), exc,
-                      exc_info=exc)
+            log.error("background task %s failed: %r; stopping", task.get_name(), exc, exc_info=exc)
             self._stopping.set()
 
     def request_stop(self) -> None:
@@ -218,8 +218,11 @@ class GrpcApp:
 
     async def serve(self) -> None:
         reflection.enable_server_reflection(
-            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *self._service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.server,
         )
         if self.server.add_insecure_port(self.address) == 0:

@@ -114,9 +114,7 @@ def make_consumer(
 def knowledge_topics(settings: CommonSettings) -> dict[str, int]:
     """Every topic of the knowledge path and its partition count."""
     topics = [settings.topic_raw_documents, settings.topic_chunks, settings.topic_embedded]
-    return {t: settings.topic_partitions for t in topics} | {
-        settings.dlq(t): 1 for t in topics
-    }
+    return {t: settings.topic_partitions for t in topics} | {settings.dlq(t): 1 for t in topics}
 
 
 async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 30) -> list[str]:

@@ -14,3 +14,8 @@ async def ping(client: aioredis.Redis) -> bool:
         return bool(await client.ping())
     except Exception:
         return False
+
+
+def text(value: bytes | str) -> str:
+    """Clients here are opened with decode_responses=False; this keeps the typing honest."""
+    return value.decode() if isinstance(value, bytes) else value

@@ -48,27 +48,38 @@ class Embedder:
         # One forward pass at a time: torch already uses every core for one batch, and
         # interleaving two only adds cache thrash.
         self._lock = threading.Lock()
-        log.info("embedder %s: dim=%d max_tokens=%d bf16=%s threads=%d", name, self.dimension,
-                 self.max_tokens, self.bf16, torch.get_num_threads())
+        log.info(
+            "embedder %s: dim=%d max_tokens=%d bf16=%s threads=%d",
+            name,
+            self.dimension,
+            self.max_tokens,
+            self.bf16,
+            torch.get_num_threads(),
+        )
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dimension) float32, rows L2-normalised, in input order."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_tokens,
-                                 padding=False)["input_ids"]
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_tokens, padding=False)[
+            "input_ids"
+        ]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in idx]},
-                                       return_tensors="pt")
+            batch = self.tokenizer.pad(
+                {"input_ids": [encoded[i] for i in idx]}, return_tensors="pt"
+            )
             out[idx] = self._forward(batch["input_ids"], batch["attention_mask"])
         return out
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        with (self._lock, torch.inference_mode(),
-              torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)):
+        with (
+            self._lock,
+            torch.inference_mode(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16),
+        ):
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -31,34 +31,47 @@ class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
         if not texts:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no texts to embed")
         if len(texts) > self.max_texts:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{len(texts)} texts; the limit is {self.max_texts}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(texts)} texts; the limit is {self.max_texts}",
+            )
         if any(not t.strip() for t in texts):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty text in the request")
         vectors = await asyncio.to_thread(self.embedder.embed, texts)
         return embed_pb2.EmbedResponse(
             embeddings=[embed_pb2.Embedding(values=v.tolist()) for v in vectors],
-            model=self.embedder.name, dimension=self.embedder.dimension)
+            model=self.embedder.name,
+            dimension=self.embedder.dimension,
+        )
 
     async def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
-        return embed_pb2.ModelInfo(model=self.embedder.name, dimension=self.embedder.dimension,
-                                   max_tokens=self.embedder.max_tokens)
+        return embed_pb2.ModelInfo(
+            model=self.embedder.name,
+            dimension=self.embedder.dimension,
+            max_tokens=self.embedder.max_tokens,
+        )
 
 
 async def main() -> None:
     settings = EmbedSettings()
     setup_logging("embed", settings.log_level, settings.log_format)
     start_metrics_server(settings.embed_metrics_port, settings.host)
-    embedder = Embedder(resolve_model_dir(settings.embed_model), settings.embed_model,
-                        settings.embed_max_tokens, settings.embed_forward_batch,
-                        settings.embed_bf16, settings.embed_threads or None)
+    embedder = Embedder(
+        resolve_model_dir(settings.embed_model),
+        settings.embed_model,
+        settings.embed_max_tokens,
+        settings.embed_forward_batch,
+        settings.embed_bf16,
+        settings.embed_threads or None,
+    )
 
     async def embed(texts: list[str]) -> np.ndarray:
         return await asyncio.to_thread(embedder.embed, texts)
 
     app = GrpcApp("embed", settings.host, settings.embed_port, settings.shutdown_grace_s)
     embed_pb2_grpc.add_EmbedServiceServicer_to_server(
-        EmbedServicer(embedder, settings.embed_max_texts), app.server)
+        EmbedServicer(embedder, settings.embed_max_texts), app.server
+    )
     app.add_service(embed_pb2.DESCRIPTOR.services_by_name["EmbedService"].full_name)
     stream_health = StreamHealth()
     stream_app = build_app(settings, embed, settings.embed_model, stream_health)

@@ -57,8 +57,11 @@ async def process_batch(
         vectors = await embed([embedding_text(c) for _, c in to_embed])
         for (i, chunk), vector in zip(to_embed, vectors, strict=True):
             embedded = events_pb2.EmbeddedChunk(
-                header=new_header("embed", chunk.header.trace_id), chunk=chunk,
-                vector=vector.tolist(), model=model)
+                header=new_header("embed", chunk.header.trace_id),
+                chunk=chunk,
+                vector=vector.tolist(),
+                model=model,
+            )
             outputs.append((i, chunk.doc_id.encode(), events_pb2.KnowledgeEvent(embedded=embedded)))
     outputs.sort(key=lambda o: o[0])
     return [(k, e.SerializeToString()) for _, k, e in outputs], rejects
@@ -75,8 +78,9 @@ class StreamHealth:
         return self.crashed_at is None or time.monotonic() - self.crashed_at > window_s
 
 
-def build_app(settings: EmbedSettings, embed: EmbedFn, model: str,
-              health: StreamHealth | None = None) -> faust.App:
+def build_app(
+    settings: EmbedSettings, embed: EmbedFn, model: str, health: StreamHealth | None = None
+) -> faust.App:
     health = health or StreamHealth()
     app = faust.App(
         settings.embed_group,
@@ -111,24 +115,42 @@ def build_app(settings: EmbedSettings, embed: EmbedFn, model: str,
             raise
 
     async def _consume(stream: Any) -> None:
-        async for batch in stream.take_events(settings.embed_stream_batch,
-                                              within=settings.embed_stream_wait_s):
+        async for batch in stream.take_events(
+            settings.embed_stream_batch, within=settings.embed_stream_wait_s
+        ):
             EVENTS_CONSUMED.labels("embed", settings.topic_chunks).inc(len(batch))
             outputs, rejects = await process_batch(
-                [(e.message.key, e.message.value) for e in batch], embed, model)
+                [(e.message.key, e.message.value) for e in batch], embed, model
+            )
             futures = [await embedded.send(key=k, value=v) for k, v in outputs]
             for i, reason in rejects:
                 message = batch[i].message
                 letter = events_pb2.DeadLetter(
-                    header=new_header("embed"), source_topic=message.topic,
-                    source_partition=message.partition, source_offset=message.offset,
-                    key=message.key or b"", value=message.value or b"", reason=reason,
-                    consumer="embed")
-                futures.append(await dlq.send(key=message.key, value=letter.SerializeToString(),
-                                              headers={"reason": reason.encode()[:1000]}))
+                    header=new_header("embed"),
+                    source_topic=message.topic,
+                    source_partition=message.partition,
+                    source_offset=message.offset,
+                    key=message.key or b"",
+                    value=message.value or b"",
+                    reason=reason,
+                    consumer="embed",
+                )
+                futures.append(
+                    await dlq.send(
+                        key=message.key,
+                        value=letter.SerializeToString(),
+                        headers={"reason": reason.encode()[:1000]},
+                    )
+                )
                 DEAD_LETTERS.labels("embed", message.topic).inc()
-                log.warning("dead-lettered chunk record", extra={
-                    "partition": message.partition, "offset": message.offset, "reason": reason})
+                log.warning(
+                    "dead-lettered chunk record",
+                    extra={
+                        "partition": message.partition,
+                        "offset": message.offset,
+                        "reason": reason,
+                    },
+                )
             # Wait for the broker's acks before faust may commit the inputs' offsets.
             await asyncio.gather(*futures)
             EVENTS_PRODUCED.labels("embed", settings.topic_embedded).inc(len(outputs))

@@ -41,8 +41,9 @@ class Chunker:
         self.overlap = overlap
 
     def chunk(self, text: str) -> list[Chunk]:
-        offsets = [o for o in self.tokenizer.encode(text, add_special_tokens=False).offsets
-                   if o[1] > o[0]]
+        offsets = [
+            o for o in self.tokenizer.encode(text, add_special_tokens=False).offsets if o[1] > o[0]
+        ]
         n = len(offsets)
         if n == 0:
             return [Chunk(0, text, 0, 0)] if text.strip() else []
@@ -58,9 +59,7 @@ class Chunker:
                 return chunks
             start = max(end - self.overlap, start + 1)
 
-    def _sentence_end(
-        self, text: str, offsets: list[tuple[int, int]], start: int, end: int
-    ) -> int:
+    def _sentence_end(self, text: str, offsets: list[tuple[int, int]], start: int, end: int) -> int:
         """Last token boundary in (start + half, end] that closes a sentence, else ``end``."""
         floor = start + self.max_tokens // 2
         for i in range(end - 1, floor - 1, -1):

@@ -33,8 +33,14 @@ class CleanDocument:
     def content_hash(self) -> str:
         """Identifies a version: same title, text and metadata give the same hash."""
         payload = json.dumps(
-            [self.title, self.text, self.source, self.domain, sorted(self.tags),
-             sorted(self.attributes.items())],
+            [
+                self.title,
+                self.text,
+                self.source,
+                self.domain,
+                sorted(self.tags),
+                sorted(self.attributes.items()),
+            ],
             ensure_ascii=False,
         )
         return hashlib.sha256(payload.encode()).hexdigest()
@@ -97,8 +103,7 @@ def clean_document(
     title = normalize_text(_check_utf8(title, "title", doc_id)).replace("\n", " ")
     if len(title) > MAX_TITLE_CHARS:
         raise InvalidDocument(
-            f"document {doc_id!r}: title is {len(title)} characters; the limit is "
-            f"{MAX_TITLE_CHARS}"
+            f"document {doc_id!r}: title is {len(title)} characters; the limit is {MAX_TITLE_CHARS}"
         )
     clean_tags = tuple(sorted({normalize_text(t) for t in tags if normalize_text(t)}))
     return CleanDocument(

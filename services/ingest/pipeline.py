@@ -45,8 +45,9 @@ class RawInput:
     @classmethod
     def from_proto(cls, doc: ingest_pb2.Document | events_pb2.RawDocument) -> RawInput:
         md = doc.metadata
-        return cls(doc.id, doc.title, doc.text, md.source, md.domain, tuple(md.tags),
-                   dict(md.attributes))
+        return cls(
+            doc.id, doc.title, doc.text, md.source, md.domain, tuple(md.tags), dict(md.attributes)
+        )
 
 
 def chunk_id(doc_id: str, content_hash: str, index: int) -> str:
@@ -70,8 +71,14 @@ class IngestPipeline:
 
     def validate(self, raw: RawInput) -> CleanDocument:
         return clean_document(
-            raw.id, raw.title, raw.text, source=raw.source, domain=raw.domain, tags=raw.tags,
-            attributes=raw.attributes, max_bytes=self.max_document_bytes,
+            raw.id,
+            raw.title,
+            raw.text,
+            source=raw.source,
+            domain=raw.domain,
+            tags=raw.tags,
+            attributes=raw.attributes,
+            max_bytes=self.max_document_bytes,
         )
 
     async def ingest(
@@ -86,8 +93,11 @@ class IngestPipeline:
                 doc = self.validate(raw)
             except InvalidDocument as exc:
                 doc_id = raw.id if isinstance(raw.id, str) else raw.id.decode("utf-8", "replace")
-                results.append(ingest_pb2.DocumentResult(
-                    id=doc_id, status=ingest_pb2.INGEST_STATUS_REJECTED, error=str(exc)))
+                results.append(
+                    ingest_pb2.DocumentResult(
+                        id=doc_id, status=ingest_pb2.INGEST_STATUS_REJECTED, error=str(exc)
+                    )
+                )
                 continue
             results.append(ingest_pb2.DocumentResult(id=doc.id, content_hash=doc.content_hash))
             clean.append((i, doc))
@@ -109,8 +119,9 @@ class IngestPipeline:
             accepted.append((i, doc, len(events)))
         if records:
             await self.publish(records)
-            await self.registry.record([(d.id, d.content_hash, n, acked_at)
-                                        for _, d, n in accepted])
+            await self.registry.record(
+                [(d.id, d.content_hash, n, acked_at) for _, d, n in accepted]
+            )
         done = now_ms()
         for i, _, n in accepted:
             results[i].status = ingest_pb2.INGEST_STATUS_ACCEPTED
@@ -128,20 +139,22 @@ class IngestPipeline:
             source=doc.source, domain=doc.domain, tags=doc.tags, attributes=doc.attributes
         )
         return [
-            events_pb2.KnowledgeEvent(chunk=events_pb2.ChunkEvent(
-                header=new_header("ingest", trace_id),
-                doc_id=doc.id,
-                content_hash=content_hash,
-                chunk_id=chunk_id(doc.id, content_hash, c.index),
-                chunk_index=c.index,
-                chunk_count=len(chunks),
-                title=doc.title,
-                text=c.text,
-                metadata=metadata,
-                token_start=c.token_start,
-                token_end=c.token_end,
-                ingested_at_ms=ingested_at,
-            ))
+            events_pb2.KnowledgeEvent(
+                chunk=events_pb2.ChunkEvent(
+                    header=new_header("ingest", trace_id),
+                    doc_id=doc.id,
+                    content_hash=content_hash,
+                    chunk_id=chunk_id(doc.id, content_hash, c.index),
+                    chunk_index=c.index,
+                    chunk_count=len(chunks),
+                    title=doc.title,
+                    text=c.text,
+                    metadata=metadata,
+                    token_start=c.token_start,
+                    token_end=c.token_end,
+                    ingested_at_ms=ingested_at,
+                )
+            )
             for c in chunks
         ]
 
@@ -150,8 +163,8 @@ class IngestPipeline:
         if await self.registry.get(doc_id) is None:
             return False
         event = events_pb2.KnowledgeEvent(
-            deleted=events_pb2.DocumentDeleted(header=new_header("ingest", trace_id),
-                                               doc_id=doc_id))
+            deleted=events_pb2.DocumentDeleted(header=new_header("ingest", trace_id), doc_id=doc_id)
+        )
         await self.publish([(self.chunk_topic, doc_id.encode(), event.SerializeToString())])
         await self.registry.delete(doc_id)
         return True

@@ -29,8 +29,9 @@ def _header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> str:
     return ""
 
 
-def parse_raw_record(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None = None
-                     ) -> RawInput:
+def parse_raw_record(
+    value: bytes | None, headers: Sequence[tuple[str, bytes]] | None = None
+) -> RawInput:
     if not value:
         raise BadEvent("empty record value")
     content_type = _header(headers, "content-type")
@@ -85,7 +86,11 @@ def _from_json(value: bytes) -> RawInput:
     if "text" not in obj:
         raise BadEvent("field 'text' is required")
     return RawInput(
-        id=_str(obj, "id"), title=_str(obj, "title"), text=_str(obj, "text"),
-        source=_str(merged, "source"), domain=_str(merged, "domain"), tags=tuple(tags),
+        id=_str(obj, "id"),
+        title=_str(obj, "title"),
+        text=_str(obj, "text"),
+        source=_str(merged, "source"),
+        domain=_str(merged, "domain"),
+        tags=tuple(tags),
         attributes={str(k): str(v) for k, v in attributes.items()},
     )

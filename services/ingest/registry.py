@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from services.common.keys import active_version_key
+from services.common.redisutil import text
 
 
 class RedisDocumentRegistry:
@@ -46,16 +47,25 @@ class RedisDocumentRegistry:
     async def record(self, docs: Sequence[tuple[str, str, int, int]]) -> None:
         pipe = self.client.pipeline(transaction=False)
         for doc_id, content_hash, chunks, at_ms in docs:
-            pipe.hset(self._key(doc_id), mapping={
-                "content_hash": content_hash, "chunk_count": chunks, "accepted_at_ms": at_ms})
+            pipe.hset(
+                self._key(doc_id),
+                mapping={
+                    "content_hash": content_hash,
+                    "chunk_count": chunks,
+                    "accepted_at_ms": at_ms,
+                },
+            )
         await pipe.execute()
 
     async def get(self, doc_id: str) -> tuple[str, int, int] | None:
         data = await self.client.hgetall(self._key(doc_id))
         if not data:
             return None
-        return (data[b"content_hash"].decode(), int(data[b"chunk_count"]),
-                int(data[b"accepted_at_ms"]))
+        return (
+            text(data[b"content_hash"]),
+            int(data[b"chunk_count"]),
+            int(data[b"accepted_at_ms"]),
+        )
 
     async def delete(self, doc_id: str) -> bool:
         return bool(await self.client.delete(self._key(doc_id)))

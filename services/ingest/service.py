@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.common import redisutil
@@ -42,17 +42,20 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self.pipeline = pipeline
         self.max_batch = max_batch
 
-    async def _ingest(self, docs: Sequence[ingest_pb2.Document],
-                      context: grpc.aio.ServicerContext) -> ingest_pb2.IngestDocumentsResponse:
+    async def _ingest(
+        self, docs: Sequence[ingest_pb2.Document], context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.IngestDocumentsResponse:
         if not docs:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no documents in the request")
-        results = await self.pipeline.ingest([RawInput.from_proto(d) for d in docs],
-                                             trace_id_of(context))
+        results = await self.pipeline.ingest(
+            [RawInput.from_proto(d) for d in docs], trace_id_of(context)
+        )
         reply = summarize(results)
         if reply.rejected == len(results):
             errors = "; ".join(r.error for r in results[:5])
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"no valid document in the request: {errors}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"no valid document in the request: {errors}"
+            )
         return reply
 
     async def IngestDocuments(self, request, context):  # type: ignore[no-untyped-def]
@@ -60,22 +63,30 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(request.documents)} documents in one call; the limit is {self.max_batch} "
-                "(use IngestDocumentStream for more)")
+                "(use IngestDocumentStream for more)",
+            )
         return await self._ingest(request.documents, context)
 
-    async def IngestDocumentStream(self, request_iterator: AsyncIterator[ingest_pb2.Document],
-                                   context):  # type: ignore[no-untyped-def]
+    async def IngestDocumentStream(
+        self, request_iterator: AsyncIterator[ingest_pb2.Document], context
+    ):  # type: ignore[no-untyped-def]
         results = []
         batch: list[ingest_pb2.Document] = []
         async for doc in request_iterator:
             batch.append(doc)
             if len(batch) >= 64:
-                results.extend(await self.pipeline.ingest(
-                    [RawInput.from_proto(d) for d in batch], trace_id_of(context)))
+                results.extend(
+                    await self.pipeline.ingest(
+                        [RawInput.from_proto(d) for d in batch], trace_id_of(context)
+                    )
+                )
                 batch = []
         if batch:
-            results.extend(await self.pipeline.ingest([RawInput.from_proto(d) for d in batch],
-                                                      trace_id_of(context)))
+            results.extend(
+                await self.pipeline.ingest(
+                    [RawInput.from_proto(d) for d in batch], trace_id_of(context)
+                )
+            )
         if not results:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no documents in the stream")
         return summarize(results)
@@ -93,8 +104,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.id!r} not found")
         assert found is not None
         content_hash, chunks, at_ms = found
-        return ingest_pb2.DocumentInfo(id=request.id, content_hash=content_hash,
-                                       chunk_count=chunks, accepted_at_ms=at_ms)
+        return ingest_pb2.DocumentInfo(
+            id=request.id, content_hash=content_hash, chunk_count=chunks, accepted_at_ms=at_ms
+        )
 
 
 class RawDocumentConsumer:
@@ -103,8 +115,9 @@ class RawDocumentConsumer:
     are committed only after a batch is published (at-least-once; the content-hash dedup makes
     a redelivery a no-op)."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, pipeline: IngestPipeline,
-                 dead_letters: DeadLetterSink):
+    def __init__(
+        self, consumer: AIOKafkaConsumer, pipeline: IngestPipeline, dead_letters: DeadLetterSink
+    ):
         self.consumer = consumer
         self.pipeline = pipeline
         self.dead_letters = dead_letters
@@ -146,12 +159,21 @@ async def main() -> None:
         for topic, _, _ in records:
             EVENTS_PRODUCED.labels("ingest", topic).inc()
 
-    chunker = Chunker(load_tokenizer(settings.embed_model), settings.ingest_chunk_tokens,
-                      settings.ingest_chunk_overlap)
-    pipeline = IngestPipeline(chunker, RedisDocumentRegistry(redis, settings.redis_prefix, settings.ingest_inflight_s),
-                              publish, settings.topic_chunks, settings.ingest_max_document_bytes)
+    chunker = Chunker(
+        load_tokenizer(settings.embed_model),
+        settings.ingest_chunk_tokens,
+        settings.ingest_chunk_overlap,
+    )
+    pipeline = IngestPipeline(
+        chunker,
+        RedisDocumentRegistry(redis, settings.redis_prefix, settings.ingest_inflight_s),
+        publish,
+        settings.topic_chunks,
+        settings.ingest_max_document_bytes,
+    )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
-        IngestServicer(pipeline, settings.ingest_max_batch), app.server)
+        IngestServicer(pipeline, settings.ingest_max_batch), app.server
+    )
     app.add_service(ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name)
     consumer = make_consumer(settings, settings.ingest_raw_group, [settings.topic_raw_documents])
 

@@ -29,9 +29,11 @@ class Filters:
         return bool(self.domains or self.sources or self.doc_ids)
 
     def matches(self, domain: str, source: str, doc_id: str) -> bool:
-        return ((not self.domains or domain in self.domains)
-                and (not self.sources or source in self.sources)
-                and (not self.doc_ids or doc_id in self.doc_ids))
+        return (
+            (not self.domains or domain in self.domains)
+            and (not self.sources or source in self.sources)
+            and (not self.doc_ids or doc_id in self.doc_ids)
+        )
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,9 @@ class DenseBackend(Protocol):
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, metas: Sequence[VectorMeta]) -> None: ...
     def remove(self, ids: np.ndarray) -> None: ...
-    def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None,
-               filters: Filters) -> list[tuple[int, float]]: ...
+    def search(
+        self, vector: np.ndarray, k: int, allowed: np.ndarray | None, filters: Filters
+    ) -> list[tuple[int, float]]: ...
     def reset(self) -> None: ...
     def __len__(self) -> int: ...
 
@@ -68,8 +71,7 @@ class FaissBackend:
 
     name = "faiss"
 
-    def __init__(self, dimension: int, kind: str = "hnsw", hnsw_m: int = 16,
-                 ef_search: int = 128):
+    def __init__(self, dimension: int, kind: str = "hnsw", hnsw_m: int = 16, ef_search: int = 128):
         if kind not in ("flat", "hnsw"):
             raise ValueError(f"faiss index kind must be flat or hnsw, not {kind!r}")
         self.dimension = dimension
@@ -96,14 +98,15 @@ class FaissBackend:
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, metas: Sequence[VectorMeta]) -> None:
         if len(ids):
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                    ids.astype(np.int64))
+            self.index.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64)
+            )
 
     def remove(self, ids: np.ndarray) -> None:
         if not len(ids):
             return
         if self.kind == "flat":
-            self.index.remove_ids(ids.astype(np.int64))
+            self.index.remove_ids(ids.astype(np.int64))  # type: ignore[arg-type]
         else:
             self.tombstones.update(int(i) for i in ids)
 
@@ -112,8 +115,9 @@ class FaissBackend:
         self.reset()
         self.add(ids, vectors, [])
 
-    def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None,
-               filters: Filters) -> list[tuple[int, float]]:
+    def search(
+        self, vector: np.ndarray, k: int, allowed: np.ndarray | None, filters: Filters
+    ) -> list[tuple[int, float]]:
         k = min(k, int(self.index.ntotal))
         if k <= 0:
             return []
@@ -123,10 +127,12 @@ class FaissBackend:
                 return []
             bits = np.packbits(allowed.astype(np.uint8), bitorder="little")
             selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
-            params = (faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, k))
-                      if self.kind == "hnsw" else faiss.SearchParameters(sel=selector))
-        scores, ids = self.index.search(vector.reshape(1, -1).astype(np.float32), k,
-                                        params=params)
+            params = (
+                faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, k))  # type: ignore[attr-defined]
+                if self.kind == "hnsw"
+                else faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
+            )
+        scores, ids = self.index.search(vector.reshape(1, -1).astype(np.float32), k, params=params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 
 
@@ -168,9 +174,16 @@ class MilvusBackend:
     def add(self, ids: np.ndarray, vectors: np.ndarray, metas: Sequence[VectorMeta]) -> None:
         if not len(ids):
             return
-        rows = [{"id": int(i), "vector": v.astype(np.float32).tolist(), "doc_id": m.doc_id,
-                 "domain": m.domain, "source": m.source}
-                for i, v, m in zip(ids, vectors, metas, strict=True)]
+        rows = [
+            {
+                "id": int(i),
+                "vector": v.astype(np.float32).tolist(),
+                "doc_id": m.doc_id,
+                "domain": m.domain,
+                "source": m.source,
+            }
+            for i, v, m in zip(ids, vectors, metas, strict=True)
+        ]
         self.client.upsert(self.collection, rows)
         self._count += len(rows)
 
@@ -182,27 +195,38 @@ class MilvusBackend:
     @staticmethod
     def _expr(filters: Filters) -> str:
         parts = []
-        for name, values in (("domain", filters.domains), ("source", filters.sources),
-                             ("doc_id", filters.doc_ids)):
+        for name, values in (
+            ("domain", filters.domains),
+            ("source", filters.sources),
+            ("doc_id", filters.doc_ids),
+        ):
             if values:
-                quoted = ", ".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                                   for v in sorted(values))
+                quoted = ", ".join(
+                    '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in sorted(values)
+                )
                 parts.append(f"{name} in [{quoted}]")
         return " and ".join(parts)
 
-    def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None,
-               filters: Filters) -> list[tuple[int, float]]:
+    def search(
+        self, vector: np.ndarray, k: int, allowed: np.ndarray | None, filters: Filters
+    ) -> list[tuple[int, float]]:
         if self._count <= 0 or k <= 0:
             return []
         # Milvus filters natively on its own scalar fields; `allowed` is the in-process mirror.
-        hits = self.client.search(self.collection, data=[vector.astype(np.float32).tolist()],
-                                  limit=min(k, 16384), filter=self._expr(filters),
-                                  output_fields=["id"], search_params={"metric_type": "IP"})
+        hits = self.client.search(
+            self.collection,
+            data=[vector.astype(np.float32).tolist()],
+            limit=min(k, 16384),
+            filter=self._expr(filters),
+            output_fields=["id"],
+            search_params={"metric_type": "IP"},
+        )
         return [(int(h["id"]), float(h["distance"])) for h in hits[0]]
 
 
-def make_backend(kind: str, dimension: int, milvus_uri: str = "", collection: str = "",
-                 faiss_index: str = "hnsw") -> DenseBackend:
+def make_backend(
+    kind: str, dimension: int, milvus_uri: str = "", collection: str = "", faiss_index: str = "hnsw"
+) -> DenseBackend:
     if kind == "faiss":
         return FaissBackend(dimension, faiss_index)
     if kind == "milvus":

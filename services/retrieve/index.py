@@ -135,8 +135,11 @@ class HybridIndex:
         if not tombstones or len(tombstones) < max(min_tombstones, len(self.records) // 3):
             return False
         ids = np.fromiter(self.records, dtype=np.int64, count=len(self.records))
-        vectors = np.stack([self.records[int(i)].vector for i in ids]) if len(ids) else (
-            np.zeros((0, self.dimension), dtype=np.float32))
+        vectors = (
+            np.stack([self.records[int(i)].vector for i in ids])
+            if len(ids)
+            else (np.zeros((0, self.dimension), dtype=np.float32))
+        )
         self.dense.compact(ids, vectors)  # type: ignore[attr-defined]
         return True
 
@@ -161,8 +164,9 @@ class HybridIndex:
             mask &= doc_mask
         return mask
 
-    def search_dense(self, vector: np.ndarray, k: int, filters: Filters,
-                     mask: np.ndarray | None) -> list[tuple[int, float]]:
+    def search_dense(
+        self, vector: np.ndarray, k: int, filters: Filters, mask: np.ndarray | None
+    ) -> list[tuple[int, float]]:
         if mask is not None:
             allowed_ids = np.flatnonzero(mask)
             # A graph index explores a neighbourhood and can miss the few allowed chunks of a
@@ -172,8 +176,9 @@ class HybridIndex:
         allowed = mask
         if allowed is None and getattr(self.dense, "needs_mask", False):
             allowed = self._live
-        return [(i, s) for i, s in self.dense.search(vector, k, allowed, filters)
-                if i in self.records]
+        return [
+            (i, s) for i, s in self.dense.search(vector, k, allowed, filters) if i in self.records
+        ]
 
     def _exact(self, vector: np.ndarray, ids: np.ndarray, k: int) -> list[tuple[int, float]]:
         ids = np.asarray([i for i in ids if int(i) in self.records], dtype=np.int64)
@@ -184,18 +189,25 @@ class HybridIndex:
         top = np.argsort(-scores)[:k]
         return [(int(ids[t]), float(scores[t])) for t in top]
 
-    def search_bm25(self, query: str, k: int, mask: np.ndarray | None
-                    ) -> list[tuple[int, float]]:
+    def search_bm25(self, query: str, k: int, mask: np.ndarray | None) -> list[tuple[int, float]]:
         # The snapshot may still hold removed chunks: over-fetch a little and drop them.
         hits = self.lexical.search(query, k + 8, mask)
         return [(i, s) for i, s in hits if i in self.records][:k]
 
-    def fuse(self, dense: list[tuple[int, float]], bm25: list[tuple[int, float]], k: int,
-             config: FusionConfig) -> list[Hit]:
+    def fuse(
+        self,
+        dense: list[tuple[int, float]],
+        bm25: list[tuple[int, float]],
+        k: int,
+        config: FusionConfig,
+    ) -> list[Hit]:
         dense_info = {i: (rank, s) for rank, (i, s) in enumerate(dense, start=1)}
         bm25_info = {i: (rank, s) for rank, (i, s) in enumerate(bm25, start=1)}
-        fused = weighted_rrf([[i for i, _ in dense], [i for i, _ in bm25]],
-                             [config.dense_weight, config.bm25_weight], config.rrf_k)
+        fused = weighted_rrf(
+            [[i for i, _ in dense], [i for i, _ in bm25]],
+            [config.dense_weight, config.bm25_weight],
+            config.rrf_k,
+        )
         hits = []
         for i, score in fused[:k]:
             d_rank, d_score = dense_info.get(i, (0, 0.0))

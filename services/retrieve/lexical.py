@@ -43,8 +43,9 @@ class LexicalIndex:
         if not ids:
             return
         with self._lock:
-            token_ids = self._tokenizer.tokenize(texts, update_vocab=True, return_as="ids",
-                                                 show_progress=False)
+            token_ids = self._tokenizer.tokenize(
+                texts, update_vocab=True, return_as="ids", show_progress=False
+            )
         for i, toks in zip(ids, token_ids, strict=True):
             self._docs[i] = list(toks)
         self._changes += len(ids)
@@ -65,23 +66,26 @@ class LexicalIndex:
             self._snapshot = None
         else:
             retriever = bm25s.BM25()
-            retriever.index(Tokenized(ids=[t for _, t in items], vocab=vocab),
-                            show_progress=False)
+            retriever.index(Tokenized(ids=[t for _, t in items], vocab=vocab), show_progress=False)
             self._snapshot = _Snapshot(
-                retriever, np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items)),
-                frozenset(retriever.vocab_dict))
+                retriever,
+                np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items)),
+                frozenset(retriever.vocab_dict),
+            )
         self._changes -= changes
 
-    def search(self, query: str, k: int, allowed: np.ndarray | None = None
-               ) -> list[tuple[int, float]]:
+    def search(
+        self, query: str, k: int, allowed: np.ndarray | None = None
+    ) -> list[tuple[int, float]]:
         """Best ``k`` chunk ids with positive BM25 score. ``allowed`` is a function of the
         snapshot rows given as a boolean mask over chunk ids (see :meth:`mask_for`)."""
         snap = self._snapshot
         if snap is None or k <= 0:
             return []
         with self._lock:
-            tokens = self._tokenizer.tokenize([query], update_vocab=False, return_as="tuple",
-                                              show_progress=False)
+            tokens = self._tokenizer.tokenize(
+                [query], update_vocab=False, return_as="tuple", show_progress=False
+            )
         inverse = {v: t for t, v in tokens.vocab.items()}
         words = [inverse[i] for i in tokens.ids[0] if inverse.get(i) in snap.vocab]
         if not words:
@@ -92,7 +96,11 @@ class LexicalIndex:
             weight_mask = allowed[snap.row_ids].astype(np.float32)
             if not weight_mask.any():
                 return []
-        rows, scores = snap.retriever.retrieve([words], k=k, show_progress=False,
-                                                weight_mask=weight_mask, n_threads=1)
-        return [(int(snap.row_ids[r]), float(s)) for r, s in zip(rows[0], scores[0], strict=True)
-                if s > 0]
+        rows, scores = snap.retriever.retrieve(
+            [words], k=k, show_progress=False, weight_mask=weight_mask, n_threads=1
+        )
+        return [
+            (int(snap.row_ids[r]), float(s))
+            for r, s in zip(rows[0], scores[0], strict=True)
+            if s > 0
+        ]

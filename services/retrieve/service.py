@@ -16,8 +16,13 @@ from knowstream.events.v1 import events_pb2
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from services.common import clients, redisutil
 from services.common.grpcserver import GrpcApp
-from services.common.kafka import BadEvent, DeadLetterSink, make_consumer, make_producer, \
-    parse_knowledge_event
+from services.common.kafka import (
+    BadEvent,
+    DeadLetterSink,
+    make_consumer,
+    make_producer,
+    parse_knowledge_event,
+)
 from services.common.logs import setup_logging
 from services.common.metrics import EVENTS_CONSUMED, start_metrics_server
 from services.common.net import kafka_alive
@@ -65,8 +70,15 @@ class Indexer:
     record. Kafka commits are still made, for lag monitoring.
     """
 
-    def __init__(self, settings: RetrieveSettings, index: HybridIndex, store: ChunkStore,
-                 consumer: AIOKafkaConsumer, dead_letters: DeadLetterSink, model: str):
+    def __init__(
+        self,
+        settings: RetrieveSettings,
+        index: HybridIndex,
+        store: ChunkStore,
+        consumer: AIOKafkaConsumer,
+        dead_letters: DeadLetterSink,
+        model: str,
+    ):
         self.settings = settings
         self.index = index
         self.store = store
@@ -83,9 +95,14 @@ class Indexer:
         for i in range(0, len(chunks), 1000):
             self.index.add(chunks[i : i + 1000])
         await asyncio.to_thread(self.index.lexical.rebuild)
-        log.info("index rebuilt from Redis", extra={
-            "chunks": len(self.index), "documents": self.index.documents,
-            "seconds": round(time.perf_counter() - start, 2)})
+        log.info(
+            "index rebuilt from Redis",
+            extra={
+                "chunks": len(self.index),
+                "documents": self.index.documents,
+                "seconds": round(time.perf_counter() - start, 2),
+            },
+        )
 
     async def seek_to_stored(self, partitions: set[TopicPartition]) -> None:
         offsets = await self.store.offsets()
@@ -98,8 +115,13 @@ class Indexer:
                 # The log is shorter than what was consumed: the broker lost its data (the
                 # embedded broker keeps nothing across a restart). Indexed chunks stay in Redis;
                 # read the new log from its start.
-                log.warning("partition %d ends at %d, below the stored offset %d: the log was "
-                            "reset; reading it from the start", tp.partition, ends[tp], stored)
+                log.warning(
+                    "partition %d ends at %d, below the stored offset %d: the log was "
+                    "reset; reading it from the start",
+                    tp.partition,
+                    ends[tp],
+                    stored,
+                )
                 await self.store.reset_offset(tp.partition)
                 self.consumer.seek_to_beginning(tp)
             else:
@@ -109,11 +131,14 @@ class Indexer:
         if event.WhichOneof("kind") == "embedded":
             embedded = event.embedded
             if embedded.model != self.model:
-                raise BadEvent(f"embedded with model {embedded.model!r}; this index uses "
-                               f"{self.model!r}")
+                raise BadEvent(
+                    f"embedded with model {embedded.model!r}; this index uses {self.model!r}"
+                )
             if len(embedded.vector) != self.index.dimension:
-                raise BadEvent(f"vector has {len(embedded.vector)} dimensions; the index has "
-                               f"{self.index.dimension}")
+                raise BadEvent(
+                    f"vector has {len(embedded.vector)} dimensions; the index has "
+                    f"{self.index.dimension}"
+                )
         elif event.WhichOneof("kind") != "deleted":
             raise BadEvent(f"unexpected {event.WhichOneof('kind')} event on the embedded topic")
 
@@ -176,7 +201,8 @@ class Indexer:
     async def run(self) -> None:
         while True:
             batches = await self.consumer.getmany(
-                timeout_ms=200, max_records=self.settings.retrieve_poll_records)
+                timeout_ms=200, max_records=self.settings.retrieve_poll_records
+            )
             for tp, records in batches.items():
                 EVENTS_CONSUMED.labels("retrieve", tp.topic).inc(len(records))
                 await self.handle(tp, records)
@@ -207,8 +233,12 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
         self.settings = settings
         self.embed = embed
         self._indexer: Indexer | None = None
-        self.fusion = FusionConfig(settings.retrieve_dense_weight, settings.retrieve_bm25_weight,
-                                   settings.retrieve_rrf_k, settings.retrieve_candidates)
+        self.fusion = FusionConfig(
+            settings.retrieve_dense_weight,
+            settings.retrieve_bm25_weight,
+            settings.retrieve_rrf_k,
+            settings.retrieve_candidates,
+        )
 
     def attach(self, indexer: Indexer) -> None:
         self._indexer = indexer
@@ -227,12 +257,15 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query is empty")
         k = request.k or self.settings.retrieve_default_k
         if k > self.settings.retrieve_max_k:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"k={k} is above the limit of {self.settings.retrieve_max_k}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"k={k} is above the limit of {self.settings.retrieve_max_k}",
+            )
         mode = MODES.get(request.mode, "hybrid")
         f = request.filters
-        filters = Filters(frozenset(d.lower() for d in f.domains), frozenset(f.sources),
-                          frozenset(f.doc_ids))
+        filters = Filters(
+            frozenset(d.lower() for d in f.domains), frozenset(f.sources), frozenset(f.doc_ids)
+        )
         mask = index.filter_mask(filters)
         candidates = max(k, self.fusion.candidates)
         reply = retrieve_pb2.SearchResponse(mode=request.mode or retrieve_pb2.SEARCH_MODE_HYBRID)
@@ -243,8 +276,9 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
             try:
                 vector = await self.embed(query)
             except grpc.RpcError as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    f"embed service unavailable: {exc.details()}")
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, f"embed service unavailable: {exc.details()}"
+                )
             t2 = time.perf_counter()
             dense = index.search_dense(vector, candidates, filters, mask)
             reply.embed_ms, reply.dense_ms = (t2 - t) * 1000, (time.perf_counter() - t2) * 1000
@@ -264,21 +298,34 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
         indexer = await self._ready(context)
         index = indexer.index
         return retrieve_pb2.IndexStats(
-            chunks=len(index), documents=index.documents,
+            chunks=len(index),
+            documents=index.documents,
             pending_chunks=len(indexer.pending),
             bm25_lag_chunks=index.lexical.pending_changes,
             dense_backend=index.dense.name,
-            offsets=await indexer.store.offsets())
+            offsets=await indexer.store.offsets(),
+        )
 
 
 def _hit_proto(hit: Hit) -> retrieve_pb2.SearchHit:
     c = hit.record.chunk
     return retrieve_pb2.SearchHit(
-        doc_id=c.doc_id, chunk_id=c.chunk_id, title=c.title, text=c.text, score=hit.score,
-        dense_score=hit.dense_score, bm25_score=hit.bm25_score, dense_rank=hit.dense_rank,
-        bm25_rank=hit.bm25_rank, metadata=c.metadata, content_hash=c.content_hash,
-        chunk_index=c.chunk_index, token_start=c.token_start, token_end=c.token_end,
-        ingested_at_ms=c.ingested_at_ms)
+        doc_id=c.doc_id,
+        chunk_id=c.chunk_id,
+        title=c.title,
+        text=c.text,
+        score=hit.score,
+        dense_score=hit.dense_score,
+        bm25_score=hit.bm25_score,
+        dense_rank=hit.dense_rank,
+        bm25_rank=hit.bm25_rank,
+        metadata=c.metadata,
+        content_hash=c.content_hash,
+        chunk_index=c.chunk_index,
+        token_start=c.token_start,
+        token_end=c.token_end,
+        ingested_at_ms=c.ingested_at_ms,
+    )
 
 
 async def main() -> None:
@@ -290,11 +337,13 @@ async def main() -> None:
     embed_channel = clients.channel(settings.address(settings.embed_port))
     embed_stub = embed_pb2_grpc.EmbedServiceStub(embed_channel)
     producer = make_producer(settings, "retrieve")
-    consumer = make_consumer(settings, settings.retrieve_group, [],
-                             max_poll_records=settings.retrieve_poll_records)
+    consumer = make_consumer(
+        settings, settings.retrieve_group, [], max_poll_records=settings.retrieve_poll_records
+    )
     loaded = asyncio.Event()
     servicer = RetrieveServicer(
-        settings, QueryEmbedder(embed_stub, settings.rpc_timeout_s, settings.retrieve_query_cache))
+        settings, QueryEmbedder(embed_stub, settings.rpc_timeout_s, settings.retrieve_query_cache)
+    )
     retrieve_pb2_grpc.add_RetrieveServiceServicer_to_server(servicer, app.server)
 
     async def start() -> None:
@@ -307,16 +356,27 @@ async def main() -> None:
                 log.info("waiting for the embed service")
                 await asyncio.sleep(1)
         if info.model != settings.embed_model:
-            raise RuntimeError(f"embed service runs {info.model!r}, retrieve expects "
-                               f"{settings.embed_model!r}")
-        backend = make_backend(settings.retrieve_dense_backend, info.dimension,
-                               settings.retrieve_milvus_uri, settings.retrieve_milvus_collection,
-                               settings.retrieve_faiss_index)
+            raise RuntimeError(
+                f"embed service runs {info.model!r}, retrieve expects {settings.embed_model!r}"
+            )
+        backend = make_backend(
+            settings.retrieve_dense_backend,
+            info.dimension,
+            settings.retrieve_milvus_uri,
+            settings.retrieve_milvus_collection,
+            settings.retrieve_faiss_index,
+        )
         index = HybridIndex(backend, info.dimension)
         store = ChunkStore(redis, settings.redis_prefix, settings.topic_embedded)
         await producer.start()
-        indexer = Indexer(settings, index, store, consumer,
-                          DeadLetterSink(producer, settings, "retrieve"), info.model)
+        indexer = Indexer(
+            settings,
+            index,
+            store,
+            consumer,
+            DeadLetterSink(producer, settings, "retrieve"),
+            info.model,
+        )
         await indexer.load()
         servicer.attach(indexer)
         consumer.subscribe([settings.topic_embedded], listener=_Rebalance(indexer))
@@ -329,7 +389,7 @@ async def main() -> None:
         await consumer.stop()
         await producer.flush()
         await producer.stop()
-        await embed_channel.close()
+        await embed_channel.close(None)
         await redis.aclose()
 
     async def index_loaded() -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from knowstream.events.v1 import events_pb2
+from services.common.redisutil import text
 
 _ADVANCE = """
 local function advance(okey, part, off)
@@ -24,7 +25,9 @@ local function advance(okey, part, off)
 end
 """
 
-_APPLY_CHUNK = _ADVANCE + """
+_APPLY_CHUNK = (
+    _ADVANCE
+    + """
 local p, doc, h, cid, count, data = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local okey, part, off = ARGV[7], ARGV[8], tonumber(ARGV[9])
 if redis.call('GET', p .. ':active:' .. doc) == h then
@@ -56,8 +59,11 @@ redis.call('SADD', p .. ':docs', doc)
 advance(okey, part, off)
 return result
 """
+)
 
-_APPLY_DELETE = _ADVANCE + """
+_APPLY_DELETE = (
+    _ADVANCE
+    + """
 local p, doc = ARGV[1], ARGV[2]
 local okey, part, off = ARGV[3], ARGV[4], tonumber(ARGV[5])
 local result = {'deleted'}
@@ -74,6 +80,7 @@ redis.call('SREM', p .. ':docs', doc)
 advance(okey, part, off)
 return result
 """
+)
 
 
 @dataclass(frozen=True)
@@ -105,15 +112,32 @@ class ChunkStore:
             kind = event.WhichOneof("kind")
             if kind == "embedded":
                 c = event.embedded.chunk
-                await self._apply_chunk(args=[
-                    self.prefix, c.doc_id, c.content_hash, c.chunk_id, c.chunk_count,
-                    event.embedded.SerializeToString(), self.offsets_key, partition, offset,
-                ], client=pipe)
+                await self._apply_chunk(
+                    args=[
+                        self.prefix,
+                        c.doc_id,
+                        c.content_hash,
+                        c.chunk_id,
+                        c.chunk_count,
+                        event.embedded.SerializeToString(),
+                        self.offsets_key,
+                        partition,
+                        offset,
+                    ],
+                    client=pipe,
+                )
                 meta.append((c.doc_id, c.content_hash))
             elif kind == "deleted":
-                await self._apply_delete(args=[
-                    self.prefix, event.deleted.doc_id, self.offsets_key, partition, offset,
-                ], client=pipe)
+                await self._apply_delete(
+                    args=[
+                        self.prefix,
+                        event.deleted.doc_id,
+                        self.offsets_key,
+                        partition,
+                        offset,
+                    ],
+                    client=pipe,
+                )
                 meta.append((event.deleted.doc_id, ""))
             else:
                 raise ValueError(f"cannot apply a {kind} event")
@@ -127,8 +151,13 @@ class ChunkStore:
 
     async def advance(self, partition: int, offset: int) -> None:
         """Moves past a record that was dead-lettered."""
-        await self.client.eval(_ADVANCE + "advance(KEYS[1], ARGV[1], tonumber(ARGV[2]))", 1,
-                               self.offsets_key, partition, offset)
+        await self.client.eval(
+            _ADVANCE + "advance(KEYS[1], ARGV[1], tonumber(ARGV[2]))",
+            1,
+            self.offsets_key,
+            partition,
+            offset,
+        )
 
     async def reset_offset(self, partition: int) -> None:
         await self.client.hdel(self.offsets_key, str(partition))
@@ -140,7 +169,7 @@ class ChunkStore:
 
     async def version_chunks(self, doc_id: str, version: str) -> list[events_pb2.EmbeddedChunk]:
         ids = await self.client.smembers(f"{self.prefix}:ver:{doc_id}:{version}")
-        return await self.get_chunks([i.decode() for i in ids])
+        return await self.get_chunks([text(i) for i in ids])
 
     async def get_chunks(self, chunk_ids: list[str]) -> list[events_pb2.EmbeddedChunk]:
         if not chunk_ids:
@@ -156,14 +185,14 @@ class ChunkStore:
 
     async def load_active(self, batch: int = 500) -> list[events_pb2.EmbeddedChunk]:
         """Every chunk of every active document version (start-up rebuild)."""
-        docs = [d.decode() for d in await self.client.smembers(f"{self.prefix}:docs")]
+        docs = [text(d) for d in await self.client.smembers(f"{self.prefix}:docs")]
         chunks: list[events_pb2.EmbeddedChunk] = []
         for start in range(0, len(docs), batch):
             part = docs[start : start + batch]
             versions = await self.client.mget([f"{self.prefix}:active:{d}" for d in part])
             pipe = self.client.pipeline(transaction=False)
             for doc_id, version in zip(part, versions, strict=True):
-                pipe.smembers(f"{self.prefix}:ver:{doc_id}:{(version or b'').decode()}")
+                pipe.smembers(f"{self.prefix}:ver:{doc_id}:{text(version or b'')}")
             members = await pipe.execute()
             ids = [m.decode() for group in members for m in group]
             chunks.extend(await self.get_chunks(ids))

@@ -24,19 +24,27 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def ingest(stack):
     return ingest_pb2_grpc.IngestServiceStub(
-        sync_channel(stack.settings.address(stack.settings.ingest_port)))
+        sync_channel(stack.settings.address(stack.settings.ingest_port))
+    )
 
 
 @pytest.fixture(scope="module")
 def retrieve(stack):
     return retrieve_pb2_grpc.RetrieveServiceStub(
-        sync_channel(stack.settings.address(stack.settings.retrieve_port)))
+        sync_channel(stack.settings.address(stack.settings.retrieve_port))
+    )
 
 
 def doc_chunks(retrieve, doc_id: str, query: str = "study") -> list:
-    reply = retrieve.Search(retrieve_pb2.SearchRequest(
-        query=query, k=100, mode=retrieve_pb2.SEARCH_MODE_DENSE,
-        filters=retrieve_pb2.SearchFilters(doc_ids=[doc_id])), timeout=10)
+    reply = retrieve.Search(
+        retrieve_pb2.SearchRequest(
+            query=query,
+            k=100,
+            mode=retrieve_pb2.SEARCH_MODE_DENSE,
+            filters=retrieve_pb2.SearchFilters(doc_ids=[doc_id]),
+        ),
+        timeout=10,
+    )
     return list(reply.hits)
 
 
@@ -45,16 +53,20 @@ def stats(retrieve) -> retrieve_pb2.IndexStats:
 
 
 def test_every_service_has_health_and_reflection(stack):
-    names = {"ingest": "knowstream.ingest.v1.IngestService",
-             "embed": "knowstream.embed.v1.EmbedService",
-             "retrieve": "knowstream.retrieve.v1.RetrieveService"}
+    names = {
+        "ingest": "knowstream.ingest.v1.IngestService",
+        "embed": "knowstream.embed.v1.EmbedService",
+        "retrieve": "knowstream.retrieve.v1.RetrieveService",
+    }
     for svc, full_name in names.items():
         with sync_channel(stack.settings.address(stack.service_port(svc))) as chan:
             reply = health_pb2_grpc.HealthStub(chan).Check(
-                health_pb2.HealthCheckRequest(service=full_name), timeout=5)
+                health_pb2.HealthCheckRequest(service=full_name), timeout=5
+            )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             responses = reflection_pb2_grpc.ServerReflectionStub(chan).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
             listed = {s.name for r in responses for s in r.list_services_response.service}
             assert full_name in listed and "grpc.health.v1.Health" in listed
 
@@ -65,41 +77,67 @@ def test_pubmedqa_is_searchable_and_questions_find_their_abstracts(ingest, retri
     assert reply.accepted == 500 and reply.rejected == 0
     expected_chunks = sum(r.chunk_count for r in reply.results)
 
-    wait_for(lambda: stats(retrieve).chunks == expected_chunks
-             and stats(retrieve).documents == 500 and stats(retrieve).bm25_lag_chunks == 0,
-             600, "all 500 documents to be indexed")
+    wait_for(
+        lambda: (
+            stats(retrieve).chunks == expected_chunks
+            and stats(retrieve).documents == 500
+            and stats(retrieve).bm25_lag_chunks == 0
+        ),
+        600,
+        "all 500 documents to be indexed",
+    )
 
     found = 0
     for pmid, item in pubmedqa.items():
-        hits = retrieve.Search(retrieve_pb2.SearchRequest(query=item["QUESTION"], k=5),
-                               timeout=10).hits
+        hits = retrieve.Search(
+            retrieve_pb2.SearchRequest(query=item["QUESTION"], k=5), timeout=10
+        ).hits
         found += pmid in {h.doc_id for h in hits}
-        assert all(h.metadata.source == "pubmedqa" and h.chunk_id.startswith(h.doc_id + "#")
-                   for h in hits)
+        assert all(
+            h.metadata.source == "pubmedqa" and h.chunk_id.startswith(h.doc_id + "#") for h in hits
+        )
     assert found / len(pubmedqa) >= 0.95, f"only {found}/500 questions found their abstract"
 
     # Re-ingesting identical content is a no-op.
-    again = ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=docs[:50]),
-                                   timeout=60)
+    again = ingest.IngestDocuments(
+        ingest_pb2.IngestDocumentsRequest(documents=docs[:50]), timeout=60
+    )
     assert again.unchanged == 50 and again.accepted == 0
 
 
 def test_filters_restrict_results(ingest, retrieve):
-    docs = [ingest_pb2.Document(id=f"filter-{d}", text=f"Statute of limitations for {d} claims "
-                                "in contract disputes.",
-                                metadata=events_pb2.DocumentMetadata(domain=d, source=f"src-{d}"))
-            for d in ("law", "finance")]
+    docs = [
+        ingest_pb2.Document(
+            id=f"filter-{d}",
+            text=f"Statute of limitations for {d} claims in contract disputes.",
+            metadata=events_pb2.DocumentMetadata(domain=d, source=f"src-{d}"),
+        )
+        for d in ("law", "finance")
+    ]
     ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=docs), timeout=30)
-    wait_for(lambda: doc_chunks(retrieve, "filter-law") and doc_chunks(retrieve, "filter-finance"),
-             120, "filter docs")
+    wait_for(
+        lambda: doc_chunks(retrieve, "filter-law") and doc_chunks(retrieve, "filter-finance"),
+        120,
+        "filter docs",
+    )
     for domain in ("law", "finance"):
-        hits = retrieve.Search(retrieve_pb2.SearchRequest(
-            query="statute of limitations contract", k=10,
-            filters=retrieve_pb2.SearchFilters(domains=[domain])), timeout=10).hits
+        hits = retrieve.Search(
+            retrieve_pb2.SearchRequest(
+                query="statute of limitations contract",
+                k=10,
+                filters=retrieve_pb2.SearchFilters(domains=[domain]),
+            ),
+            timeout=10,
+        ).hits
         assert hits and {h.metadata.domain for h in hits} == {domain}
-    hits = retrieve.Search(retrieve_pb2.SearchRequest(
-        query="statute of limitations", k=10,
-        filters=retrieve_pb2.SearchFilters(sources=["src-law"])), timeout=10).hits
+    hits = retrieve.Search(
+        retrieve_pb2.SearchRequest(
+            query="statute of limitations",
+            k=10,
+            filters=retrieve_pb2.SearchFilters(sources=["src-law"]),
+        ),
+        timeout=10,
+    ).hits
     assert [h.doc_id for h in hits] == ["filter-law"]
 
 
@@ -111,6 +149,7 @@ def test_update_replaces_only_after_indexing_and_delete_removes(ingest, retrieve
     reply = ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=[v2]), timeout=30)
     assert reply.accepted == 1
     new_hash = reply.results[0].content_hash
+
     # At every observation the document is wholly one version: never empty, never mixed.
     def settled():
         hits = doc_chunks(retrieve, "versioned", "glaciers")
@@ -118,6 +157,7 @@ def test_update_replaces_only_after_indexing_and_delete_removes(ingest, retrieve
         hashes = {h.content_hash for h in hits}
         assert len(hashes) == 1, f"mixed versions visible: {hashes}"
         return hashes == {new_hash} and len(hits) == reply.results[0].chunk_count
+
     wait_for(settled, 120, "version 2", interval_s=0.05)
 
     ingest.DeleteDocument(ingest_pb2.DeleteDocumentRequest(id="versioned"), timeout=10)
@@ -129,13 +169,17 @@ def test_update_replaces_only_after_indexing_and_delete_removes(ingest, retrieve
 
 def test_bad_inputs_get_clear_errors_and_the_rest_is_kept(ingest, retrieve, stack):
     good = ingest_pb2.Document(id="good-neighbour", text="Photosynthesis converts light to sugar.")
-    batch = [ingest_pb2.Document(id="empty", text="   "),
-             ingest_pb2.Document(id="huge", text="x" * (10 * 1024 * 1024)),
-             good]
+    batch = [
+        ingest_pb2.Document(id="empty", text="   "),
+        ingest_pb2.Document(id="huge", text="x" * (10 * 1024 * 1024)),
+        good,
+    ]
     reply = ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=batch), timeout=60)
     assert [r.status for r in reply.results] == [
-        ingest_pb2.INGEST_STATUS_REJECTED, ingest_pb2.INGEST_STATUS_REJECTED,
-        ingest_pb2.INGEST_STATUS_ACCEPTED]
+        ingest_pb2.INGEST_STATUS_REJECTED,
+        ingest_pb2.INGEST_STATUS_REJECTED,
+        ingest_pb2.INGEST_STATUS_ACCEPTED,
+    ]
     assert "text is empty" in reply.results[0].error
     assert "10485760 bytes; the limit is 1048576" in reply.results[1].error
 
@@ -149,9 +193,11 @@ def test_bad_inputs_get_clear_errors_and_the_rest_is_kept(ingest, retrieve, stac
     raw = ingest_pb2.IngestDocumentsRequest.FromString(b"\n" + bytes([len(doc)]) + doc)
     payload = raw.SerializeToString().replace(b"PLACEHOLDER", b"caf\xe9 lait!")
     with sync_channel(stack.settings.address(stack.settings.ingest_port)) as chan:
-        call = chan.unary_unary("/knowstream.ingest.v1.IngestService/IngestDocuments",
-                                request_serializer=lambda b: b,
-                                response_deserializer=ingest_pb2.IngestDocumentsResponse.FromString)
+        call = chan.unary_unary(
+            "/knowstream.ingest.v1.IngestService/IngestDocuments",
+            request_serializer=lambda b: b,
+            response_deserializer=ingest_pb2.IngestDocumentsResponse.FromString,
+        )
         with pytest.raises(grpc.RpcError) as err:
             call(payload, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -162,13 +208,19 @@ def test_bad_inputs_get_clear_errors_and_the_rest_is_kept(ingest, retrieve, stac
 
 def test_raw_topic_feeds_ingest_and_bad_records_go_to_the_dead_letter_topic(stack, retrieve):
     settings = stack.settings
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                             enable_idempotence=False)
-    proto_doc = events_pb2.RawDocument(id="raw-proto", text="Mitochondria make ATP in cells.",
-                                       metadata=events_pb2.DocumentMetadata(domain="biology"))
+    producer = KafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=False
+    )
+    proto_doc = events_pb2.RawDocument(
+        id="raw-proto",
+        text="Mitochondria make ATP in cells.",
+        metadata=events_pb2.DocumentMetadata(domain="biology"),
+    )
     records = [
-        (b'{"id": "raw-json-1", "text": "Volcanoes erupt basaltic lava.", "domain": "geology"}',
-         None),
+        (
+            b'{"id": "raw-json-1", "text": "Volcanoes erupt basaltic lava.", "domain": "geology"}',
+            None,
+        ),
         (b"{this is not json", None),
         (proto_doc.SerializeToString(), [("content-type", b"application/x-protobuf")]),
         (b'{"id": "raw-empty", "text": ""}', None),
@@ -179,14 +231,21 @@ def test_raw_topic_feeds_ingest_and_bad_records_go_to_the_dead_letter_topic(stac
     producer.flush()
     producer.close()
 
-    for doc_id, query in [("raw-json-1", "volcanoes"), ("raw-proto", "mitochondria"),
-                          ("raw-json-2", "tectonic")]:
+    for doc_id, query in [
+        ("raw-json-1", "volcanoes"),
+        ("raw-proto", "mitochondria"),
+        ("raw-json-2", "tectonic"),
+    ]:
         wait_for(lambda d=doc_id, q=query: doc_chunks(retrieve, d, q), 120, doc_id)
 
-    consumer = KafkaConsumer(settings.dlq(settings.topic_raw_documents),
-                             bootstrap_servers=settings.kafka_bootstrap,
-                             auto_offset_reset="earliest", consumer_timeout_ms=15000,
-                             enable_auto_commit=False, group_id=None)
+    consumer = KafkaConsumer(
+        settings.dlq(settings.topic_raw_documents),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=15000,
+        enable_auto_commit=False,
+        group_id=None,
+    )
     letters = []
     for message in consumer:
         letter = events_pb2.DeadLetter.FromString(message.value)
@@ -197,31 +256,42 @@ def test_raw_topic_feeds_ingest_and_bad_records_go_to_the_dead_letter_topic(stac
     reasons = {letter.value: letter.reason for letter in letters}
     assert "invalid JSON" in reasons[b"{this is not json"]
     assert "text is empty" in reasons[b'{"id": "raw-empty", "text": ""}']
-    assert all(letter.source_topic == settings.topic_raw_documents and letter.source_offset >= 0
-               for letter in letters)
+    assert all(
+        letter.source_topic == settings.topic_raw_documents and letter.source_offset >= 0
+        for letter in letters
+    )
 
 
 def test_malformed_chunk_record_is_dead_lettered_by_embed(stack, retrieve):
     settings = stack.settings
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                             enable_idempotence=False)
+    producer = KafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=False
+    )
     producer.send(settings.topic_chunks, value=b"\x08\x96\x01garbage", key=b"junk")
     producer.flush()
     producer.close()
-    consumer = KafkaConsumer(settings.dlq(settings.topic_chunks),
-                             bootstrap_servers=settings.kafka_bootstrap,
-                             auto_offset_reset="earliest", consumer_timeout_ms=60000,
-                             enable_auto_commit=False, group_id=None)
+    consumer = KafkaConsumer(
+        settings.dlq(settings.topic_chunks),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=60000,
+        enable_auto_commit=False,
+        group_id=None,
+    )
     letter = events_pb2.DeadLetter.FromString(next(iter(consumer)).value)
     consumer.close()
     assert letter.consumer == "embed" and letter.key == b"junk" and letter.reason
 
 
 def test_kill_9_retrieve_mid_stream_loses_and_duplicates_nothing(stack, ingest, retrieve):
-    docs = [ingest_pb2.Document(
-        id=f"crash-{i}", text=f"Crash test document {i}. " + "Redundant sentence here. " * 60,
-        metadata=events_pb2.DocumentMetadata(source="crash"))
-        for i in range(120)]
+    docs = [
+        ingest_pb2.Document(
+            id=f"crash-{i}",
+            text=f"Crash test document {i}. " + "Redundant sentence here. " * 60,
+            metadata=events_pb2.DocumentMetadata(source="crash"),
+        )
+        for i in range(120)
+    ]
     before = stats(retrieve).chunks
     reply = ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=docs), timeout=60)
     expected = sum(r.chunk_count for r in reply.results)
@@ -232,7 +302,8 @@ def test_kill_9_retrieve_mid_stream_loses_and_duplicates_nothing(stack, ingest, 
     stack.start_service("retrieve")
     stack.wait_serving(["retrieve"], 180)
     fresh = retrieve_pb2_grpc.RetrieveServiceStub(
-        sync_channel(stack.settings.address(stack.settings.retrieve_port)))
+        sync_channel(stack.settings.address(stack.settings.retrieve_port))
+    )
 
     wait_for(lambda: stats(fresh).chunks == before + expected, 300, "all chunks after restart")
     seen = {}

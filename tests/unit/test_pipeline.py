@@ -70,13 +70,23 @@ def test_changed_content_publishes_a_new_version_with_new_chunk_ids(tokenizer):
 
 def test_invalid_documents_do_not_block_the_valid_ones(tokenizer):
     pipeline, published = make(tokenizer)
-    results = run(pipeline.ingest([
-        RawInput("ok1", "", "Fine text."), RawInput("bad", "", "  "),
-        RawInput("big", "", "x" * 2000), RawInput("ok2", "", "Also fine."),
-    ]))
+    results = run(
+        pipeline.ingest(
+            [
+                RawInput("ok1", "", "Fine text."),
+                RawInput("bad", "", "  "),
+                RawInput("big", "", "x" * 2000),
+                RawInput("ok2", "", "Also fine."),
+            ]
+        )
+    )
     statuses = [r.status for r in results]
-    assert statuses == [ingest_pb2.INGEST_STATUS_ACCEPTED, ingest_pb2.INGEST_STATUS_REJECTED,
-                        ingest_pb2.INGEST_STATUS_REJECTED, ingest_pb2.INGEST_STATUS_ACCEPTED]
+    assert statuses == [
+        ingest_pb2.INGEST_STATUS_ACCEPTED,
+        ingest_pb2.INGEST_STATUS_REJECTED,
+        ingest_pb2.INGEST_STATUS_REJECTED,
+        ingest_pb2.INGEST_STATUS_ACCEPTED,
+    ]
     assert "empty" in results[1].error and "limit" in results[2].error
     assert {e.chunk.doc_id for e in events(published)} == {"ok1", "ok2"}
 

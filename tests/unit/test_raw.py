@@ -8,14 +8,16 @@ from services.ingest.raw import parse_raw_record
 
 
 def test_json_record_with_top_level_metadata():
-    raw = parse_raw_record(json.dumps(
-        {"id": "a", "title": "T", "text": "x", "domain": "law", "tags": ["t1"]}).encode())
+    raw = parse_raw_record(
+        json.dumps({"id": "a", "title": "T", "text": "x", "domain": "law", "tags": ["t1"]}).encode()
+    )
     assert (raw.id, raw.domain, raw.tags) == ("a", "law", ("t1",))
 
 
 def test_protobuf_record():
-    doc = events_pb2.RawDocument(id="p1", text="body",
-                                 metadata=events_pb2.DocumentMetadata(source="s"))
+    doc = events_pb2.RawDocument(
+        id="p1", text="body", metadata=events_pb2.DocumentMetadata(source="s")
+    )
     raw = parse_raw_record(doc.SerializeToString(), [("content-type", b"application/x-protobuf")])
     assert (raw.id, raw.text, raw.source) == ("p1", "body", "s")
 
