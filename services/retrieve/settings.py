@@ -23,7 +23,7 @@ class RetrieveSettings(CommonSettings):
     retrieve_candidates: int = Field(50, ge=1)
     retrieve_fusion: Literal["rrf", "weighted_rrf"] = "weighted_rrf"
     # Weights of weighted RRF (dense, bm25); chosen on PubMedQA by bench.retrieval --sweep.
-    retrieve_dense_weight: float = Field(1.0, ge=0)
+    retrieve_dense_weight: float = Field(2.0, ge=0)
     retrieve_bm25_weight: float = Field(1.0, ge=0)
     retrieve_rrf_k: int = Field(60, ge=1)
     # Debounce of BM25 rebuilds: new chunks are searchable densely at once and through BM25

@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from knowstream.ingest.v1 import ingest_pb2_grpc
+from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
+from services.common.clients import sync_channel
+from services.common.settings import REPO_ROOT, CommonSettings
+
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "pubmedqa" / "labeled.json"
+
+
+def load_pubmedqa(path: Path = DEFAULT_DATA) -> dict:  # type: ignore[type-arg]
+    return dict(json.loads(Path(path).read_text()))
+
+
+def stubs(settings: CommonSettings):  # type: ignore[no-untyped-def]
+    return (
+        ingest_pb2_grpc.IngestServiceStub(sync_channel(settings.address(settings.ingest_port))),
+        retrieve_pb2_grpc.RetrieveServiceStub(
+            sync_channel(settings.address(settings.retrieve_port))
+        ),
+    )
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    return {
+        "p50": round(float(np.percentile(arr, 50)), 4),
+        "p99": round(float(np.percentile(arr, 99)), 4),
+        "n": len(values),
+    }
+
+
+def searchable(retrieve, doc_ids: list[str]) -> set[str]:  # type: ignore[no-untyped-def]
+    """Which of these documents Search returns now (dense, exact scan over the filter)."""
+    found: set[str] = set()
+    for i in range(0, len(doc_ids), 40):
+        part = doc_ids[i : i + 40]
+        reply = retrieve.Search(
+            retrieve_pb2.SearchRequest(
+                query="document",
+                k=100,
+                mode=retrieve_pb2.SEARCH_MODE_DENSE,
+                filters=retrieve_pb2.SearchFilters(doc_ids=part),
+            ),
+            timeout=10,
+        )
+        found.update(h.doc_id for h in reply.hits)
+    return found
