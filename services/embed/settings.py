@@ -11,7 +11,7 @@ class EmbedSettings(CommonSettings):
 
     embed_group: str = Field("ks-embed", description="Consumer group shared by all embed workers.")
     # Micro-batching of the chunk stream: up to this many chunks, waiting at most this long.
-    embed_stream_batch: int = Field(64, ge=1)
+    embed_stream_batch: int = Field(32, ge=1)
     embed_stream_wait_s: float = Field(0.05, ge=0)
     # Rows per forward pass (length-sorted within a micro-batch).
     embed_forward_batch: int = Field(16, ge=1)

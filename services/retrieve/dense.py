@@ -110,10 +110,11 @@ class FaissBackend:
         else:
             self.tombstones.update(int(i) for i in ids)
 
-    def compact(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Rebuilds the index from the live vectors (drops tombstones)."""
-        self.reset()
-        self.add(ids, vectors, [])
+    def rebuilt(self, ids: np.ndarray, vectors: np.ndarray) -> FaissBackend:
+        """A new backend of the same kind holding only these vectors (drops tombstones)."""
+        fresh = FaissBackend(self.dimension, self.kind, self.hnsw_m, self.ef_search)
+        fresh.add(ids, vectors, [])
+        return fresh
 
     def search(
         self, vector: np.ndarray, k: int, allowed: np.ndarray | None, filters: Filters

@@ -6,6 +6,7 @@ copy (see :mod:`services.retrieve.lexical`).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +71,7 @@ class HybridIndex:
         self._domains = _Codes()
         self._sources = _Codes()
         self.exact_scan_limit = 2000
+        self._changes_during_compaction: list[tuple[str, list[int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -111,6 +113,8 @@ class HybridIndex:
             self._source[i] = self._sources.code(chunk.metadata.source)
             metas.append(VectorMeta(chunk.doc_id, chunk.metadata.domain, chunk.metadata.source))
         self.dense.add(ids, vectors, metas)
+        if self._changes_during_compaction is not None:
+            self._changes_during_compaction.append(("add", [int(i) for i in ids]))
         self.lexical.add([int(i) for i in ids], [_lexical_text(c.chunk) for c in fresh])
         return len(fresh)
 
@@ -126,22 +130,45 @@ class HybridIndex:
             self._live[i] = False
         arr = np.asarray(ids, dtype=np.int64)
         self.dense.remove(arr)
+        if self._changes_during_compaction is not None:
+            self._changes_during_compaction.append(("remove", ids))
         self.lexical.remove(ids)
         return len(ids)
 
-    def maybe_compact(self, min_tombstones: int = 1000) -> bool:
-        """Rebuilds an HNSW graph once removed chunks make up a quarter of it."""
-        tombstones = getattr(self.dense, "tombstones", None)
-        if not tombstones or len(tombstones) < max(min_tombstones, len(self.records) // 3):
-            return False
+    def needs_compaction(self, min_tombstones: int = 1000) -> bool:
+        """True once removed chunks make up a quarter of an HNSW graph."""
+        tombstones: set[int] = getattr(self.dense, "tombstones", None) or set()
+        return len(tombstones) >= max(min_tombstones, len(self.records) // 3, 1)
+
+    async def compact(self) -> None:
+        """Rebuilds the HNSW graph from the live vectors in a worker thread, then swaps it in.
+
+        Searches and indexing go on against the old graph meanwhile; chunks added or removed
+        during the build are replayed onto the new one before the swap.
+        """
         ids = np.fromiter(self.records, dtype=np.int64, count=len(self.records))
         vectors = (
             np.stack([self.records[int(i)].vector for i in ids])
             if len(ids)
-            else (np.zeros((0, self.dimension), dtype=np.float32))
+            else np.zeros((0, self.dimension), dtype=np.float32)
         )
-        self.dense.compact(ids, vectors)  # type: ignore[attr-defined]
-        return True
+        self._changes_during_compaction = []
+        try:
+            fresh = await asyncio.to_thread(self.dense.rebuilt, ids, vectors)  # type: ignore[attr-defined]
+            for op, op_ids in self._changes_during_compaction:
+                if op == "add":
+                    live = [i for i in op_ids if i in self.records]
+                    if live:
+                        fresh.add(
+                            np.asarray(live, dtype=np.int64),
+                            np.stack([self.records[i].vector for i in live]),
+                            [],
+                        )
+                else:
+                    fresh.remove(np.asarray(op_ids, dtype=np.int64))
+            self.dense = fresh
+        finally:
+            self._changes_during_compaction = None
 
     def clear(self) -> None:
         self.dense.reset()

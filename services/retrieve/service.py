@@ -87,6 +87,8 @@ class Indexer:
         self.model = model
         self.pending: dict[str, events_pb2.EmbeddedChunk] = {}
         self.bm25_dirty = asyncio.Event()
+        self.compacting = False
+        self._compaction: asyncio.Future[None] | None = None
 
     async def load(self) -> None:
         start = time.perf_counter()
@@ -185,7 +187,20 @@ class Indexer:
             elif applied.kind == "noop":
                 # Redelivered chunk of the active version: it is indexed already.
                 pass
-        self.index.maybe_compact()
+        if self.index.needs_compaction() and not self.compacting:
+            self.compacting = True
+            self._compaction = asyncio.ensure_future(self._compact())
+
+    async def _compact(self) -> None:
+        start = time.perf_counter()
+        try:
+            await self.index.compact()
+        finally:
+            self.compacting = False
+        log.info(
+            "dense index compacted",
+            extra={"chunks": len(self.index), "seconds": round(time.perf_counter() - start, 2)},
+        )
 
     async def _activate(self, doc_id: str, version: str) -> None:
         prefix = f"{doc_id}#{version[:16]}#"
@@ -211,8 +226,12 @@ class Indexer:
         while True:
             await self.bm25_dirty.wait()
             self.bm25_dirty.clear()
+            start = time.perf_counter()
             await asyncio.to_thread(self.index.lexical.rebuild)
-            await asyncio.sleep(self.settings.retrieve_bm25_rebuild_s)
+            took = time.perf_counter() - start
+            # A rebuild is O(corpus): while a large corpus is loading, pause in proportion so
+            # rebuilds take at most a third of a core away from indexing.
+            await asyncio.sleep(max(self.settings.retrieve_bm25_rebuild_s, 2 * took))
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

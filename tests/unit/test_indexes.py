@@ -48,3 +48,49 @@ def test_milvus_lite_backend(tmp_path):
     assert law and all(i % 2 for i, _ in law)
     b.remove(np.array([4]))
     assert 4 not in [i for i, _ in b.search(v[4], 3, None, Filters())]
+
+
+def embedded(i: int, vector: np.ndarray, domain: str = "d"):
+    from knowstream.events.v1 import events_pb2
+
+    chunk = events_pb2.ChunkEvent(
+        doc_id=f"doc{i}",
+        chunk_id=f"doc{i}#h#0",
+        chunk_count=1,
+        content_hash="h",
+        text=f"chunk number {i} about topic{i % 10}",
+        metadata=events_pb2.DocumentMetadata(domain=domain, source="s"),
+    )
+    return events_pb2.EmbeddedChunk(chunk=chunk, vector=vector.tolist(), model="m")
+
+
+def test_hybrid_index_compaction_keeps_changes_made_during_the_build():
+    import asyncio
+
+    from services.retrieve.index import HybridIndex
+
+    v = unit(3000, seed=2)
+    index = HybridIndex(FaissBackend(16, "hnsw"), 16)
+    index.add([embedded(i, v[i]) for i in range(2500)])
+    index.remove([f"doc{i}#h#0" for i in range(1500)])
+    assert index.needs_compaction()
+
+    async def compact_while_changing():
+        task = asyncio.ensure_future(index.compact())
+        await asyncio.sleep(0)  # the build runs in a thread; change the index meanwhile
+        index.add([embedded(i, v[i]) for i in range(2500, 3000)])
+        index.remove(["doc1600#h#0"])
+        await task
+
+    asyncio.run(compact_while_changing())
+    assert not index.dense.tombstones or index.dense.tombstones == {1600}
+    assert len(index) == 1000 + 500 - 1
+    hits = index.search_dense(v[2700], 3, Filters(), None)
+    assert hits[0][0] == index.by_chunk_id["doc2700#h#0"]
+    assert index.by_chunk_id.get("doc1600#h#0") is None
+    assert all(
+        index.records[i].doc_id != "doc1600"
+        for i, _ in index.search_dense(v[1600], 5, Filters(), None)
+    )
+    lowest_removed = index.search_dense(v[10], 5, Filters(), None)
+    assert all(int(index.records[i].doc_id[3:]) >= 1500 for i, _ in lowest_removed)
