@@ -20,6 +20,7 @@ from knowstream.ingest.v1 import ingest_pb2
 from services.common.models import load_tokenizer, resolve_model_dir
 from services.common.settings import CommonSettings
 from services.embed.embedder import Embedder
+from services.embed.settings import EmbedSettings
 from services.ingest.chunking import Chunker
 
 
@@ -39,7 +40,18 @@ def in_process_ceiling(texts: list[str], settings: CommonSettings, n: int = 96) 
     """Chunks/s of the embedding model in this process, on the pipeline's own chunks."""
     chunker = Chunker(load_tokenizer(settings.embed_model))
     chunks = [c.text for t in texts for c in chunker.chunk(t)][:n]
-    embedder = Embedder(resolve_model_dir(settings.embed_model), settings.embed_model)
+    embed = EmbedSettings()
+    # The same model, runtime and micro-batch shape as the embed service.
+    embedder = Embedder(
+        resolve_model_dir(embed.embed_model),
+        embed.embed_model,
+        embed.embed_max_tokens,
+        embed.embed_forward_batch,
+        embed.embed_bf16,
+        embed.embed_threads or None,
+        embed.embed_runtime,
+        embed.cache_dir,
+    )
     embedder.embed(chunks[:8])
     start = time.perf_counter()
     embedder.embed(chunks)

@@ -140,17 +140,21 @@ def main(argv: list[str] | None = None) -> int:
         # Each question once per size, offset so the sizes do not share cached embeddings.
         offset = (size // 1000) % len(questions)
         qs = [questions[(offset + i) % len(questions)] for i in range(args.queries)]
-        client_ms, server_ms = [], []
+        parts: dict[str, list[float]] = {
+            k: [] for k in ("client_ms", "server_ms", "embed_ms", "dense_ms", "bm25_ms")
+        }
         for q in qs:
             start = time.perf_counter()
             reply = retrieve.Search(retrieve_pb2.SearchRequest(query=q, k=10), timeout=10)
-            client_ms.append((time.perf_counter() - start) * 1000)
-            server_ms.append(reply.total_ms)
+            parts["client_ms"].append((time.perf_counter() - start) * 1000)
+            parts["server_ms"].append(reply.total_ms)
+            parts["embed_ms"].append(reply.embed_ms)
+            parts["dense_ms"].append(reply.dense_ms)
+            parts["bm25_ms"].append(reply.bm25_ms)
         result[f"{size}"] = {
             "chunks": int(now.chunks),
-            "client_ms": percentiles(client_ms),
-            "server_ms": percentiles(server_ms),
             "load_s": round(load_s, 1),
+            **{k: percentiles(v) for k, v in parts.items()},
         }
     asyncio.run(delete_docs(settings, tag, added // CHUNKS_PER_DOC))
     print(json.dumps(result))

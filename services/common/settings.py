@@ -46,6 +46,9 @@ class CommonSettings(BaseSettings):
     # Deadline for calls from one service to another (e.g. retrieve -> embed).
     rpc_timeout_s: float = Field(10.0, gt=0)
 
+    # Derived artefacts (exported ONNX graphs, converted weights); safe to delete.
+    cache_dir: Path = REPO_ROOT / ".cache"
+
     embed_model: str = Field(
         "all-MiniLM-L6-v2",
         description="Embedding model: a name known to services.common.models or a local path.",
