@@ -24,8 +24,6 @@ from services.common.clients import health_status
 from services.common.kafka import ensure_topics, knowledge_topics
 from services.common.settings import REPO_ROOT, CommonSettings
 
-SERVICES = ("embed", "retrieve", "ingest")
-
 
 @dataclass
 class Component:
@@ -108,8 +106,19 @@ class Stack:
     def redis_port(self) -> int:
         return urlparse(self.settings.redis_url).port or 6379
 
+    @property
+    def services(self) -> list[str]:
+        """Service processes in start order; KS_EMBED_WORKERS > 1 adds embed-2, embed-3, ...
+        (more workers of the same consumer group, sharing the chunk partitions)."""
+        workers = int(self.env.get("KS_EMBED_WORKERS", "1"))
+        return ["embed", *(f"embed-{i}" for i in range(2, workers + 1)), "retrieve", "ingest"]
+
     def service_port(self, name: str) -> int:
-        return int(getattr(self.settings, f"{name}_port"))
+        base, _, worker = name.partition("-")
+        # Extra embed workers serve Embed too, on the embed port + 100 per worker.
+        return int(getattr(self.settings, f"{base}_port")) + (
+            100 * (int(worker) - 1) if worker else 0
+        )
 
     def start_broker(self) -> None:
         host = self.settings.host
@@ -187,7 +196,7 @@ class Stack:
         self.start_broker()
         self.start_redis()
         self.create_topics()
-        for name in SERVICES:
+        for name in self.services:
             c = self.components.get(name)
             if c and pid_alive(c.pid):
                 continue
@@ -197,7 +206,7 @@ class Stack:
                     "another process; set KS_{name.upper()}_PORT"
                 )
             self.start_service(name)
-        self.wait_serving(SERVICES, timeout_s)
+        self.wait_serving(self.services, timeout_s)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:
         c = self.components.get(name)
@@ -219,7 +228,7 @@ class Stack:
         self._save()
 
     def down(self) -> None:
-        order = [*reversed(SERVICES), "redis", "broker"]
+        order = [*reversed(self.services), "redis", "broker"]
         for name in order + [n for n in list(self.components) if n not in order]:
             if name in self.components:
                 print(f"stopping {name} (pid {self.components[name].pid})")
@@ -242,7 +251,7 @@ class Stack:
                     "state": "UP" if answers else "DOWN",
                 }
             )
-        for name in SERVICES:
+        for name in self.services:
             c = self.components.get(name)
             rows.append(
                 {

@@ -35,13 +35,10 @@ def retrieve(stack):
     )
 
 
-def doc_chunks(retrieve, doc_id: str, query: str = "study") -> list:
+def doc_chunks(retrieve, doc_id: str, query: str = "study", mode=retrieve_pb2.SEARCH_MODE_DENSE):
     reply = retrieve.Search(
         retrieve_pb2.SearchRequest(
-            query=query,
-            k=100,
-            mode=retrieve_pb2.SEARCH_MODE_DENSE,
-            filters=retrieve_pb2.SearchFilters(doc_ids=[doc_id]),
+            query=query, k=100, mode=mode, filters=retrieve_pb2.SearchFilters(doc_ids=[doc_id])
         ),
         timeout=10,
     )
@@ -314,3 +311,56 @@ def test_kill_9_retrieve_mid_stream_loses_and_duplicates_nothing(stack, ingest, 
     assert len(all_ids) == len(set(all_ids)) == expected, "lost or duplicated chunks"
     assert all(seen[r.id] and len(seen[r.id]) == r.chunk_count for r in reply.results)
     assert json.dumps(dict(stats(fresh).offsets))  # offsets are reported
+
+
+def embed_group_members(stack) -> int:
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def describe() -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            reply = await admin.describe_consumer_groups(["ks-embed"])
+            return len(
+                reply[0].groups[0][5]
+            )  # (error, group, state, protocol_type, protocol, members)
+        finally:
+            await admin.close()
+
+    return asyncio.run(describe())
+
+
+def test_embed_workers_share_the_chunk_stream_and_take_over(stack, ingest, retrieve):
+    """A second worker joins the consumer group; after the first one stops, the second
+    processes every partition on its own."""
+    stack.start_service("embed-2")
+    stack.wait_serving(["embed-2"], 180)
+    wait_for(lambda: embed_group_members(stack) == 2, 120, "two members in the embed group")
+
+    def ingest_docs(prefix: str, n: int) -> list[str]:
+        docs = [
+            ingest_pb2.Document(id=f"{prefix}-{i}", text=f"Worker test {prefix} number {i}.")
+            for i in range(n)
+        ]
+        ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=docs), timeout=30)
+        return [d.id for d in docs]
+
+    shared = ingest_docs("shared", 24)
+    wait_for(lambda: all(doc_chunks(retrieve, d, "worker") for d in shared), 180, "shared docs")
+
+    stack.stop("embed")  # graceful: leaves the group; embed-2 takes over every partition
+    try:
+        alone = ingest_docs("alone", 24)
+        # BM25 mode: with the first worker gone, retrieve cannot embed the query.
+        bm25 = retrieve_pb2.SEARCH_MODE_BM25
+        wait_for(
+            lambda: all(doc_chunks(retrieve, d, "worker", bm25) for d in alone),
+            180,
+            "docs embedded by the remaining worker",
+        )
+    finally:
+        stack.start_service("embed")
+        stack.wait_serving(["embed"], 180)
+        stack.stop("embed-2")
