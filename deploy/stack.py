@@ -74,7 +74,9 @@ class Stack:
             json.dumps({n: asdict(c) for n, c in self.components.items()}, indent=2)
         )
 
-    def _spawn(self, name: str, cmd: list[str], port: int) -> Component:
+    def _spawn(
+        self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None
+    ) -> Component:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         log_path = self.run_dir / "logs" / f"{name}.log"
         with open(log_path, "ab") as log:
@@ -82,7 +84,7 @@ class Stack:
                 cmd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 cwd=REPO_ROOT,
                 start_new_session=True,
             )
@@ -174,9 +176,10 @@ class Stack:
             print(f"topics created: {', '.join(sorted(created))}")
 
     def start_service(self, name: str) -> Component:
-        return self._spawn(
-            name, [sys.executable, "-m", f"services.{name}"], self.service_port(name)
-        )
+        module = name.partition("-")[0]
+        port = self.service_port(name)
+        env = {f"KS_{module.upper()}_PORT": str(port)}
+        return self._spawn(name, [sys.executable, "-m", f"services.{module}"], port, env)
 
     def wait_serving(self, names: tuple[str, ...] | list[str], timeout_s: float = 240) -> None:
         def all_serving() -> bool:
