@@ -17,9 +17,9 @@ import uuid
 from bench.common import load_pubmedqa, percentiles, searchable, stubs
 from knowstream.events.v1 import events_pb2
 from knowstream.ingest.v1 import ingest_pb2
+from services.common.embedding import Embedder
 from services.common.models import load_tokenizer, resolve_model_dir
 from services.common.settings import CommonSettings
-from services.embed.embedder import Embedder
 from services.embed.settings import EmbedSettings
 from services.ingest.chunking import Chunker
 

@@ -49,6 +49,8 @@ class CommonSettings(BaseSettings):
     # Derived artefacts (exported ONNX graphs, converted weights); safe to delete.
     cache_dir: Path = REPO_ROOT / ".cache"
 
+    # Runtime of the embedding model wherever it runs (embed workers, retrieve's query encoder).
+    embed_runtime: Literal["onnx", "torch"] = "onnx"
     embed_model: str = Field(
         "all-MiniLM-L6-v2",
         description="Embedding model: a name known to services.common.models or a local path.",

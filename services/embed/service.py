@@ -9,12 +9,12 @@ import grpc
 import numpy as np
 
 from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
+from services.common.embedding import Embedder
 from services.common.grpcserver import GrpcApp
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.common.models import resolve_model_dir
 from services.common.net import kafka_alive
-from services.embed.embedder import Embedder
 from services.embed.settings import EmbedSettings
 from services.embed.stream import StreamHealth, build_app
 

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -23,4 +21,3 @@ class EmbedSettings(CommonSettings):
     embed_threads: int = Field(0, ge=0, description="torch threads; 0 = torch's default.")
     embed_max_texts: int = Field(256, ge=1, description="Texts per Embed call.")
     embed_metrics_port: int = 0
-    embed_runtime: Literal["onnx", "torch"] = "onnx"

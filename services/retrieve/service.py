@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -15,6 +16,7 @@ from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
 from knowstream.events.v1 import events_pb2
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from services.common import clients, redisutil
+from services.common.embedding import Embedder
 from services.common.grpcserver import GrpcApp
 from services.common.kafka import (
     BadEvent,
@@ -25,6 +27,7 @@ from services.common.kafka import (
 )
 from services.common.logs import setup_logging
 from services.common.metrics import EVENTS_CONSUMED, start_metrics_server
+from services.common.models import resolve_model_dir
 from services.common.net import kafka_alive
 from services.retrieve.dense import Filters, make_backend
 from services.retrieve.index import FusionConfig, Hit, HybridIndex
@@ -40,12 +43,34 @@ MODES = {
 }
 
 
-class QueryEmbedder:
-    """Embeds queries through the embed service, with a small LRU cache."""
+Encode = Callable[[str], Awaitable[np.ndarray]]
 
-    def __init__(self, stub: embed_pb2_grpc.EmbedServiceStub, timeout_s: float, size: int):
-        self.stub = stub
-        self.timeout_s = timeout_s
+
+def remote_encoder(stub: embed_pb2_grpc.EmbedServiceStub, timeout_s: float) -> Encode:
+    """Queries embedded by the embed service (one model copy; one more network hop)."""
+
+    async def encode(text: str) -> np.ndarray:
+        reply = await stub.Embed(embed_pb2.EmbedRequest(texts=[text]), timeout=timeout_s)
+        return np.asarray(reply.embeddings[0].values, dtype=np.float32)
+
+    return encode
+
+
+def local_encoder(embedder: Embedder) -> Encode:
+    """Queries embedded in this process with the same model and runtime as the embed service:
+    no hop, and search keeps working while the embed workers are busy or restarting."""
+
+    async def encode(text: str) -> np.ndarray:
+        return (await asyncio.to_thread(embedder.embed, [text]))[0]
+
+    return encode
+
+
+class QueryEmbedder:
+    """Embeds queries, with a small LRU cache in front."""
+
+    def __init__(self, encode: Encode, size: int):
+        self.encode = encode
         self.size = size
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
@@ -53,8 +78,7 @@ class QueryEmbedder:
         if text in self.cache:
             self.cache.move_to_end(text)
             return self.cache[text]
-        reply = await self.stub.Embed(embed_pb2.EmbedRequest(texts=[text]), timeout=self.timeout_s)
-        vector = np.asarray(reply.embeddings[0].values, dtype=np.float32)
+        vector = await self.encode(text)
         if self.size:
             self.cache[text] = vector
             if len(self.cache) > self.size:
@@ -360,24 +384,37 @@ async def main() -> None:
         settings, settings.retrieve_group, [], max_poll_records=settings.retrieve_poll_records
     )
     loaded = asyncio.Event()
-    servicer = RetrieveServicer(
-        settings, QueryEmbedder(embed_stub, settings.rpc_timeout_s, settings.retrieve_query_cache)
-    )
+    local = settings.retrieve_query_embedder == "local"
+    embedder = None
+    if local:
+        embedder = Embedder(
+            resolve_model_dir(settings.embed_model),
+            settings.embed_model,
+            runtime=settings.embed_runtime,
+            cache_dir=settings.cache_dir,
+        )
+        encode = local_encoder(embedder)
+    else:
+        encode = remote_encoder(embed_stub, settings.rpc_timeout_s)
+    servicer = RetrieveServicer(settings, QueryEmbedder(encode, settings.retrieve_query_cache))
     retrieve_pb2_grpc.add_RetrieveServiceServicer_to_server(servicer, app.server)
 
     async def start() -> None:
-        # The index dimension comes from the embed service's model: wait for it.
-        while True:
-            try:
-                info = await embed_stub.GetModelInfo(embed_pb2.GetModelInfoRequest(), timeout=2)
-                break
-            except grpc.RpcError:
-                log.info("waiting for the embed service")
-                await asyncio.sleep(1)
-        if info.model != settings.embed_model:
-            raise RuntimeError(
-                f"embed service runs {info.model!r}, retrieve expects {settings.embed_model!r}"
-            )
+        if embedder is not None:
+            info = embed_pb2.ModelInfo(model=settings.embed_model, dimension=embedder.dimension)
+        else:
+            # The index dimension comes from the embed service's model: wait for it.
+            while True:
+                try:
+                    info = await embed_stub.GetModelInfo(embed_pb2.GetModelInfoRequest(), timeout=2)
+                    break
+                except grpc.RpcError:
+                    log.info("waiting for the embed service")
+                    await asyncio.sleep(1)
+            if info.model != settings.embed_model:
+                raise RuntimeError(
+                    f"embed service runs {info.model!r}, retrieve expects {settings.embed_model!r}"
+                )
         backend = make_backend(
             settings.retrieve_dense_backend,
             info.dimension,
@@ -419,6 +456,7 @@ async def main() -> None:
     app.on_stop(stop)
     app.add_check("redis", lambda: redisutil.ping(redis))
     app.add_check("kafka", lambda: kafka_alive(settings.kafka_bootstrap))
-    app.add_check("embed", lambda: clients.is_serving(embed_channel))
+    if not local:
+        app.add_check("embed", lambda: clients.is_serving(embed_channel))
     app.add_check("index", index_loaded)
     await app.serve()

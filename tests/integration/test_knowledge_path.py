@@ -353,7 +353,7 @@ def test_embed_workers_share_the_chunk_stream_and_take_over(stack, ingest, retri
     stack.stop("embed")  # graceful: leaves the group; embed-2 takes over every partition
     try:
         alone = ingest_docs("alone", 24)
-        # BM25 mode: with the first worker gone, retrieve cannot embed the query.
+        # BM25 mode: independent of where retrieve embeds queries (remote mode needs embed).
         bm25 = retrieve_pb2.SEARCH_MODE_BM25
         wait_for(
             lambda: all(doc_chunks(retrieve, d, "worker", bm25) for d in alone),

@@ -1,8 +1,8 @@
 import numpy as np
 
+from services.common.embedding import Embedder
 from services.common.models import resolve_model_dir
 from services.common.settings import CommonSettings
-from services.embed.embedder import Embedder
 
 
 def test_onnx_runtime_matches_torch_on_padded_batches():
