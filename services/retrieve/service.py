@@ -392,6 +392,7 @@ async def main() -> None:
             settings.embed_model,
             runtime=settings.embed_runtime,
             cache_dir=settings.cache_dir,
+            threads=settings.retrieve_query_threads,
         )
         encode = local_encoder(embedder)
     else:
