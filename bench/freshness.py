@@ -139,20 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     pipeline_chunks_per_s = burst["docs_per_s"] * ceiling["chunks_per_doc"]
     n = int(args.rate * args.duration)
     at_rate = steady(ingest, retrieve, make_docs(texts, n, f"r{tag}"), args.rate)
-    sustainable = round(0.8 * burst["docs_per_s"], 2)
-    at_sustainable = steady(
-        ingest,
-        retrieve,
-        make_docs(texts, max(10, int(sustainable * args.duration)), f"s{tag}"),
-        sustainable,
-    )
     result = {
         "in_process_embedding": ceiling,
         "max_sustained": burst,
         "pipeline_vs_in_process": round(pipeline_chunks_per_s / ceiling["chunks_per_s"], 3),
         f"steady_{args.rate:g}_docs_per_s": at_rate,
-        "steady_at_0.8x_max": at_sustainable,
     }
+    # Freshness below the ceiling: near it queues build up (waiting grows like u / (1 - u)).
+    for share in (0.8, 0.5):
+        rate = round(share * burst["docs_per_s"], 2)
+        docs = make_docs(texts, max(10, int(rate * args.duration)), f"s{share}{tag}")
+        result[f"steady_at_{share}x_max"] = steady(ingest, retrieve, docs, rate)
     print(json.dumps(result))
     return 0
 

@@ -21,7 +21,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.metrics import RPC_LATENCY
+from services.common.logs import setup_logging
+from services.common.metrics import RPC_LATENCY, start_metrics_server
+from services.common.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +257,10 @@ class GrpcApp:
             except Exception:
                 log.exception("shutdown hook failed")
         log.info("stopped")
+
+
+def service_app(name: str, settings: CommonSettings, port: int, metrics_port: int) -> GrpcApp:
+    """What every service does first: logging, the metrics endpoint, and its gRPC app."""
+    setup_logging(name, settings.log_level, settings.log_format)
+    start_metrics_server(metrics_port, settings.host)
+    return GrpcApp(name, settings.host, port, settings.shutdown_grace_s)

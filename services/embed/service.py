@@ -10,9 +10,7 @@ import numpy as np
 
 from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
 from services.common.embedding import Embedder
-from services.common.grpcserver import GrpcApp
-from services.common.logs import setup_logging
-from services.common.metrics import start_metrics_server
+from services.common.grpcserver import service_app
 from services.common.models import resolve_model_dir
 from services.common.net import kafka_alive
 from services.embed.settings import EmbedSettings
@@ -54,8 +52,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
 
 async def main() -> None:
     settings = EmbedSettings()
-    setup_logging("embed", settings.log_level, settings.log_format)
-    start_metrics_server(settings.embed_metrics_port, settings.host)
+    app = service_app("embed", settings, settings.embed_port, settings.embed_metrics_port)
     embedder = Embedder(
         resolve_model_dir(settings.embed_model),
         settings.embed_model,
@@ -63,12 +60,13 @@ async def main() -> None:
         settings.embed_forward_batch,
         settings.embed_bf16,
         settings.embed_threads or None,
+        settings.embed_runtime,
+        settings.cache_dir,
     )
 
     async def embed(texts: list[str]) -> np.ndarray:
         return await asyncio.to_thread(embedder.embed, texts)
 
-    app = GrpcApp("embed", settings.host, settings.embed_port, settings.shutdown_grace_s)
     embed_pb2_grpc.add_EmbedServiceServicer_to_server(
         EmbedServicer(embedder, settings.embed_max_texts), app.server
     )

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer
 
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.common import redisutil
-from services.common.grpcserver import GrpcApp
+from services.common.grpcserver import service_app
 from services.common.kafka import (
     BadEvent,
     DeadLetterSink,
@@ -144,12 +144,7 @@ class RawDocumentConsumer:
 
 async def main() -> None:
     settings = IngestSettings()
-    from services.common.logs import setup_logging
-    from services.common.metrics import start_metrics_server
-
-    setup_logging("ingest", settings.log_level, settings.log_format)
-    start_metrics_server(settings.ingest_metrics_port, settings.host)
-    app = GrpcApp("ingest", settings.host, settings.ingest_port, settings.shutdown_grace_s)
+    app = service_app("ingest", settings, settings.ingest_port, settings.ingest_metrics_port)
     redis = redisutil.connect(settings.redis_url)
     producer = make_producer(settings, "ingest")
 

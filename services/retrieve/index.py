@@ -60,6 +60,10 @@ class HybridIndex:
     def __init__(self, dense: DenseBackend, dimension: int):
         self.dense = dense
         self.dimension = dimension
+        self.exact_scan_limit = 2000
+        self._reset()
+
+    def _reset(self) -> None:
         self.lexical = LexicalIndex()
         self.records: dict[int, ChunkRecord] = {}
         self.by_chunk_id: dict[str, int] = {}
@@ -70,7 +74,6 @@ class HybridIndex:
         self._source = np.full(1024, -1, dtype=np.int32)
         self._domains = _Codes()
         self._sources = _Codes()
-        self.exact_scan_limit = 2000
         self._changes_during_compaction: list[tuple[str, list[int]]] | None = None
 
     def __len__(self) -> int:
@@ -172,7 +175,7 @@ class HybridIndex:
 
     def clear(self) -> None:
         self.dense.reset()
-        self.__init__(self.dense, self.dimension)  # type: ignore[misc]
+        self._reset()
 
     def filter_mask(self, filters: Filters) -> np.ndarray | None:
         if not filters:

@@ -17,7 +17,7 @@ from knowstream.events.v1 import events_pb2
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from services.common import clients, redisutil
 from services.common.embedding import Embedder
-from services.common.grpcserver import GrpcApp
+from services.common.grpcserver import service_app
 from services.common.kafka import (
     BadEvent,
     DeadLetterSink,
@@ -25,8 +25,7 @@ from services.common.kafka import (
     make_producer,
     parse_knowledge_event,
 )
-from services.common.logs import setup_logging
-from services.common.metrics import EVENTS_CONSUMED, start_metrics_server
+from services.common.metrics import EVENTS_CONSUMED
 from services.common.models import resolve_model_dir
 from services.common.net import kafka_alive
 from services.retrieve.dense import Filters, make_backend
@@ -373,9 +372,7 @@ def _hit_proto(hit: Hit) -> retrieve_pb2.SearchHit:
 
 async def main() -> None:
     settings = RetrieveSettings()
-    setup_logging("retrieve", settings.log_level, settings.log_format)
-    start_metrics_server(settings.retrieve_metrics_port, settings.host)
-    app = GrpcApp("retrieve", settings.host, settings.retrieve_port, settings.shutdown_grace_s)
+    app = service_app("retrieve", settings, settings.retrieve_port, settings.retrieve_metrics_port)
     redis = redisutil.connect(settings.redis_url)
     embed_channel = clients.channel(settings.address(settings.embed_port))
     embed_stub = embed_pb2_grpc.EmbedServiceStub(embed_channel)

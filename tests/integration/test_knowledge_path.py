@@ -45,6 +45,28 @@ def doc_chunks(retrieve, doc_id: str, query: str = "study", mode=retrieve_pb2.SE
     return list(reply.hits)
 
 
+def read_dead_letters(settings, topic: str, count: int, timeout_ms: int = 15_000) -> list:
+    """The first ``count`` DeadLetter records of ``topic``'s dead-letter topic."""
+    consumer = KafkaConsumer(
+        settings.dlq(topic),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=timeout_ms,
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    letters = []
+    try:
+        for message in consumer:
+            letters.append(events_pb2.DeadLetter.FromString(message.value))
+            if len(letters) >= count:
+                break
+    finally:
+        consumer.close()
+    assert len(letters) == count, f"expected {count} dead letters on {topic}, got {letters}"
+    return letters
+
+
 def stats(retrieve) -> retrieve_pb2.IndexStats:
     return retrieve.GetIndexStats(retrieve_pb2.GetIndexStatsRequest(), timeout=10)
 
@@ -235,21 +257,7 @@ def test_raw_topic_feeds_ingest_and_bad_records_go_to_the_dead_letter_topic(stac
     ]:
         wait_for(lambda d=doc_id, q=query: doc_chunks(retrieve, d, q), 120, doc_id)
 
-    consumer = KafkaConsumer(
-        settings.dlq(settings.topic_raw_documents),
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=15000,
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    letters = []
-    for message in consumer:
-        letter = events_pb2.DeadLetter.FromString(message.value)
-        letters.append(letter)
-        if len(letters) >= 2:
-            break
-    consumer.close()
+    letters = read_dead_letters(settings, settings.topic_raw_documents, 2)
     reasons = {letter.value: letter.reason for letter in letters}
     assert "invalid JSON" in reasons[b"{this is not json"]
     assert "text is empty" in reasons[b'{"id": "raw-empty", "text": ""}']
@@ -267,16 +275,7 @@ def test_malformed_chunk_record_is_dead_lettered_by_embed(stack, retrieve):
     producer.send(settings.topic_chunks, value=b"\x08\x96\x01garbage", key=b"junk")
     producer.flush()
     producer.close()
-    consumer = KafkaConsumer(
-        settings.dlq(settings.topic_chunks),
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=60000,
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    letter = events_pb2.DeadLetter.FromString(next(iter(consumer)).value)
-    consumer.close()
+    (letter,) = read_dead_letters(settings, settings.topic_chunks, 1, timeout_ms=60_000)
     assert letter.consumer == "embed" and letter.key == b"junk" and letter.reason
 
 
