@@ -21,8 +21,10 @@ import uuid
 import numpy as np
 
 from bench.common import load_pubmedqa, percentiles, stubs
+from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
 from knowstream.events.v1 import events_pb2
 from knowstream.retrieve.v1 import retrieve_pb2
+from services.common.clients import sync_channel
 from services.common.kafka import make_producer, new_header, now_ms
 from services.common.settings import CommonSettings
 
@@ -110,15 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     questions = [v["QUESTION"] for v in data.values()]
     _, retrieve = stubs(settings)
     stats = retrieve.GetIndexStats(retrieve_pb2.GetIndexStatsRequest(), timeout=10)
-    dim = (
-        len(
-            retrieve.Search(
-                retrieve_pb2.SearchRequest(query="dimension probe", k=1), timeout=10
-            ).hits[:0]
-        )
-        or 384
-    )
-    model = settings.embed_model
+    # Synthetic vectors must match the index: ask the embed service which model it runs.
+    info = embed_pb2_grpc.EmbedServiceStub(
+        sync_channel(settings.address(settings.embed_port))
+    ).GetModelInfo(embed_pb2.GetModelInfoRequest(), timeout=10)
+    dim, model = info.dimension, info.model
     tag = uuid.uuid4().hex[:8]
     added = 0
     result: dict[str, object] = {}

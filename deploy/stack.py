@@ -269,14 +269,12 @@ class Stack:
 
 
 def _settings_from(env: dict[str, str]) -> CommonSettings:
-    saved = dict(os.environ)
-    try:
-        os.environ.clear()
-        os.environ.update(env)
-        return CommonSettings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    """Settings as the services will see them with ``env`` (the full environment they get)."""
+    prefix = "KS_"
+    values = {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
+    return CommonSettings.model_validate(
+        {k: v for k, v in values.items() if k in CommonSettings.model_fields}
+    )
 
 
 def _redis_answers(host: str, port: int) -> bool:

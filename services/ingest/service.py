@@ -70,23 +70,19 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def IngestDocumentStream(
         self, request_iterator: AsyncIterator[ingest_pb2.Document], context
     ):  # type: ignore[no-untyped-def]
-        results = []
-        batch: list[ingest_pb2.Document] = []
+        results: list[ingest_pb2.DocumentResult] = []
+        batch: list[RawInput] = []
+
+        async def flush() -> None:
+            results.extend(await self.pipeline.ingest(batch, trace_id_of(context)))
+            batch.clear()
+
         async for doc in request_iterator:
-            batch.append(doc)
+            batch.append(RawInput.from_proto(doc))
             if len(batch) >= 64:
-                results.extend(
-                    await self.pipeline.ingest(
-                        [RawInput.from_proto(d) for d in batch], trace_id_of(context)
-                    )
-                )
-                batch = []
+                await flush()
         if batch:
-            results.extend(
-                await self.pipeline.ingest(
-                    [RawInput.from_proto(d) for d in batch], trace_id_of(context)
-                )
-            )
+            await flush()
         if not results:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no documents in the stream")
         return summarize(results)

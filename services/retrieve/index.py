@@ -204,7 +204,7 @@ class HybridIndex:
             if len(allowed_ids) <= max(self.exact_scan_limit, len(self.records) // 20):
                 return self._exact(vector, allowed_ids, k)
         allowed = mask
-        if allowed is None and getattr(self.dense, "needs_mask", False):
+        if allowed is None and self.dense.needs_mask:
             allowed = self._live
         return [
             (i, s) for i, s in self.dense.search(vector, k, allowed, filters) if i in self.records

@@ -207,9 +207,6 @@ class Indexer:
                 self.bm25_dirty.set()
             if applied.kind == "activated":
                 await self._activate(applied.doc_id, applied.version)
-            elif applied.kind == "noop":
-                # Redelivered chunk of the active version: it is indexed already.
-                pass
         if self.index.needs_compaction() and not self.compacting:
             self.compacting = True
             self._compaction = asyncio.ensure_future(self._compact())

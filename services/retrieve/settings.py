@@ -21,7 +21,6 @@ class RetrieveSettings(CommonSettings):
     retrieve_max_k: int = Field(100, ge=1)
     # Candidates taken from each retriever before fusion.
     retrieve_candidates: int = Field(50, ge=1)
-    retrieve_fusion: Literal["rrf", "weighted_rrf"] = "weighted_rrf"
     # Weights of weighted RRF (dense, bm25); chosen on PubMedQA by bench.retrieval --sweep.
     retrieve_dense_weight: float = Field(2.0, ge=0)
     retrieve_bm25_weight: float = Field(1.0, ge=0)

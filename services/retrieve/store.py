@@ -25,8 +25,23 @@ local function advance(okey, part, off)
 end
 """
 
+# Deletes one stored version of a document (its chunks and its member set) and appends the
+# removed chunk ids to `result`.
+_DROP_VERSION = """
+local function drop_version(p, doc, v, result)
+  local vkey = p .. ':ver:' .. doc .. ':' .. v
+  for _, m in ipairs(redis.call('SMEMBERS', vkey)) do
+    redis.call('DEL', p .. ':chunk:' .. m)
+    table.insert(result, m)
+  end
+  redis.call('DEL', vkey)
+  redis.call('SREM', p .. ':vers:' .. doc, v)
+end
+"""
+
 _APPLY_CHUNK = (
     _ADVANCE
+    + _DROP_VERSION
     + """
 local p, doc, h, cid, count, data = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 local okey, part, off = ARGV[7], ARGV[8], tonumber(ARGV[9])
@@ -44,15 +59,7 @@ if redis.call('SCARD', vkey) < count then
 end
 local result = {'activated'}
 for _, v in ipairs(redis.call('SMEMBERS', p .. ':vers:' .. doc)) do
-  if v ~= h then
-    local old = p .. ':ver:' .. doc .. ':' .. v
-    for _, m in ipairs(redis.call('SMEMBERS', old)) do
-      redis.call('DEL', p .. ':chunk:' .. m)
-      table.insert(result, m)
-    end
-    redis.call('DEL', old)
-    redis.call('SREM', p .. ':vers:' .. doc, v)
-  end
+  if v ~= h then drop_version(p, doc, v, result) end
 end
 redis.call('SET', p .. ':active:' .. doc, h)
 redis.call('SADD', p .. ':docs', doc)
@@ -63,17 +70,13 @@ return result
 
 _APPLY_DELETE = (
     _ADVANCE
+    + _DROP_VERSION
     + """
 local p, doc = ARGV[1], ARGV[2]
 local okey, part, off = ARGV[3], ARGV[4], tonumber(ARGV[5])
 local result = {'deleted'}
 for _, v in ipairs(redis.call('SMEMBERS', p .. ':vers:' .. doc)) do
-  local vkey = p .. ':ver:' .. doc .. ':' .. v
-  for _, m in ipairs(redis.call('SMEMBERS', vkey)) do
-    redis.call('DEL', p .. ':chunk:' .. m)
-    table.insert(result, m)
-  end
-  redis.call('DEL', vkey)
+  drop_version(p, doc, v, result)
 end
 redis.call('DEL', p .. ':vers:' .. doc, p .. ':active:' .. doc)
 redis.call('SREM', p .. ':docs', doc)
@@ -88,7 +91,7 @@ class Applied:
     """What a record changed: ``activated`` names the version whose chunks became searchable
     and ``removed`` the chunk ids that are gone."""
 
-    kind: str  # noop | pending | activated | deleted | skipped
+    kind: str  # noop | pending | activated | deleted
     doc_id: str = ""
     version: str = ""
     removed: tuple[str, ...] = ()
