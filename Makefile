@@ -18,13 +18,14 @@ help:
 	@echo "make lint    ruff + ruff format --check + mypy"
 	@echo "make bench   run the benchmarks against the running stack"
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
 	# torch first, alone and pinned: any other spec would pull the CUDA build from the index.
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -r requirements-nodeps.txt
 	$(PIP) install --no-deps -e .
 	# Generated protobuf modules live in $(GEN) (not committed); make them importable.
 	echo "$(CURDIR)/$(GEN)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/knowstream-gen.pth

@@ -21,8 +21,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from services.common.clients import health_status
-from services.common.kafka import ensure_topics, knowledge_topics
+from services.common.kafka import all_topics, ensure_topics
 from services.common.settings import REPO_ROOT, CommonSettings
+
+TRITON_REPOSITORY = REPO_ROOT / "deploy" / "triton"
 
 
 @dataclass
@@ -60,6 +62,8 @@ class Stack:
     def __init__(self, run_dir: str | Path | None = None, env: dict[str, str] | None = None):
         self.env = {**os.environ, **(env or {})}
         self.run_dir = Path(run_dir or self.env.get("KS_RUN_DIR") or REPO_ROOT / ".run").resolve()
+        # Triton's model and the infer service must agree on where adapters are stored.
+        self.env.setdefault("KS_ADAPTER_DIR", str(self.run_dir / "adapters"))
         self.settings = _settings_from(self.env)
         self.state_file = self.run_dir / "stack.json"
         self.components: dict[str, Component] = {}
@@ -113,7 +117,13 @@ class Stack:
         """Service processes in start order; KS_EMBED_WORKERS > 1 adds embed-2, embed-3, ...
         (more workers of the same consumer group, sharing the chunk partitions)."""
         workers = int(self.env.get("KS_EMBED_WORKERS", "1"))
-        return ["embed", *(f"embed-{i}" for i in range(2, workers + 1)), "retrieve", "ingest"]
+        return [
+            "embed",
+            *(f"embed-{i}" for i in range(2, workers + 1)),
+            "retrieve",
+            "ingest",
+            "infer",
+        ]
 
     def service_port(self, name: str) -> int:
         base, _, worker = name.partition("-")
@@ -168,10 +178,25 @@ class Stack:
         )
         _wait(lambda: _redis_answers(host, self.redis_port), 20, "redis", self)
 
+    def start_triton(self) -> None:
+        """The real tritonserver from the nvidia-pytriton wheel, serving deploy/triton with the
+        python backend."""
+        host, port = self.settings.host, self.settings.triton_grpc_port
+        c = self.components.get("triton")
+        if c and pid_alive(c.pid):
+            return
+        for p in (port, self.settings.triton_http_port, self.settings.triton_metrics_port):
+            if port_open(host, p):
+                raise RuntimeError(f"port {p} for Triton is taken; set KS_TRITON_*_PORT")
+        cmd, env = triton_command(self.settings, self.run_dir)
+        self._spawn("triton", cmd, port, env)
+        _wait(lambda: self.triton_ready(), 600, "triton", self, component="triton")
+
+    def triton_ready(self) -> bool:
+        return triton_ready(self.settings)
+
     def create_topics(self) -> None:
-        created = asyncio.run(
-            ensure_topics(self.settings.kafka_bootstrap, knowledge_topics(self.settings))
-        )
+        created = asyncio.run(ensure_topics(self.settings.kafka_bootstrap, all_topics(self.settings)))
         if created:
             print(f"topics created: {', '.join(sorted(created))}")
 
@@ -208,6 +233,8 @@ class Stack:
                     f"port {self.service_port(name)} for {name} is taken by "
                     "another process; set KS_{name.upper()}_PORT"
                 )
+            if name == "infer":
+                self.start_triton()
             self.start_service(name)
         self.wait_serving(self.services, timeout_s)
 
@@ -231,7 +258,7 @@ class Stack:
         self._save()
 
     def down(self) -> None:
-        order = [*reversed(self.services), "redis", "broker"]
+        order = [*reversed(self.services), "triton", "redis", "broker"]
         for name in order + [n for n in list(self.components) if n not in order]:
             if name in self.components:
                 print(f"stopping {name} (pid {self.components[name].pid})")
@@ -254,6 +281,16 @@ class Stack:
                     "state": "UP" if answers else "DOWN",
                 }
             )
+        c = self.components.get("triton")
+        rows.append(
+            {
+                "component": "triton",
+                "address": f"{host}:{self.settings.triton_grpc_port}",
+                "started_by": "stack" if c else "-",
+                "pid": str(c.pid) if c and pid_alive(c.pid) else "-",
+                "state": "SERVING" if self.triton_ready() else "DOWN",
+            }
+        )
         for name in self.services:
             c = self.components.get(name)
             rows.append(
@@ -266,6 +303,81 @@ class Stack:
                 }
             )
         return rows
+
+
+def triton_command(settings: CommonSettings, run_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The tritonserver command line and the environment it needs.
+
+    The binary and its python backend come from the nvidia-pytriton wheel. The backend directory
+    is assembled under the run directory with the stub for this Python (3.11). Two environment
+    details matter: this interpreter's libpython comes first on LD_LIBRARY_PATH (else the stub
+    loads the system's older one and ssl/threading imports break), and this venv's bin comes
+    first on PATH, because the stub's embedded Python derives its prefix, and so its
+    site-packages, from the ``python3`` it finds there (else it imports the system numpy and
+    BYTES tensors are garbled).
+    """
+    import importlib.util
+    import shutil
+    import sysconfig
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed (make setup)")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    server = package / "tritonserver"
+    libs = package.parent / "nvidia_pytriton.libs"
+    backend = run_dir / "triton" / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for source in (
+        server / "backends" / "python" / "libtriton_python.so",
+        server / "backends" / "python" / "triton_python_backend_utils.py",
+        server / "python_backend_stubs" / "3.11" / "triton_python_backend_stub",
+    ):
+        target = backend / source.name
+        if not target.exists() or target.stat().st_size != source.stat().st_size:
+            shutil.copy2(source, target)
+    host = settings.host
+    cmd = [
+        str(server / "bin" / "tritonserver"),
+        f"--model-repository={TRITON_REPOSITORY}",
+        f"--backend-directory={backend.parent}",
+        f"--grpc-address={host}",
+        f"--grpc-port={settings.triton_grpc_port}",
+        f"--http-address={host}",
+        f"--http-port={settings.triton_http_port}",
+        f"--metrics-address={host}",
+        f"--metrics-port={settings.triton_metrics_port}",
+        # Explicit model control: the repository API can load/unload models (bench.serving
+        # measures a model reload against an in-model adapter load).
+        "--model-control-mode=explicit",
+        f"--load-model={settings.triton_model}",
+        "--exit-timeout-secs=10",
+        "--log-verbose=0",
+    ]
+    venv_bin = str(Path(sys.executable).parent)
+    libdir = str(sysconfig.get_config_var("LIBDIR"))
+    env = {
+        "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+        "LD_LIBRARY_PATH": ":".join(
+            p for p in (libdir, str(libs), os.environ.get("LD_LIBRARY_PATH", "")) if p
+        ),
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    return cmd, env
+
+
+def triton_ready(settings: CommonSettings) -> bool:
+    import urllib.error
+    import urllib.request
+
+    url = (
+        f"http://{settings.host}:{settings.triton_http_port}/v2/models/{settings.triton_model}/ready"
+    )
+    try:
+        with urllib.request.urlopen(url, timeout=1) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _settings_from(env: dict[str, str]) -> CommonSettings:
@@ -293,11 +405,14 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _wait(predicate, timeout_s: float, what: str, stack: Stack) -> None:  # type: ignore[no-untyped-def]
+def _wait(predicate, timeout_s: float, what: str, stack: Stack, component: str = "") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
+        c = stack.components.get(component)
+        if c and not pid_alive(c.pid):
+            raise RuntimeError(f"{component} exited during start-up:\n{stack.log_tail(component)}")
         time.sleep(0.25)
     tails = "\n".join(f"--- {n} ---\n{stack.log_tail(n)}" for n in stack.components)
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f}s\n{tails}")

@@ -117,6 +117,21 @@ def knowledge_topics(settings: CommonSettings) -> dict[str, int]:
     return {t: settings.topic_partitions for t in topics} | {settings.dlq(t): 1 for t in topics}
 
 
+def serving_topics(settings: CommonSettings) -> dict[str, int]:
+    """Topics of the serving path. Inference and feedback events feed the monitor and the
+    trainer, which dead-letter what they cannot read; adapter events are an audit log."""
+    topics = [settings.topic_inference, settings.topic_shadow, settings.topic_feedback]
+    return (
+        {t: settings.topic_partitions for t in topics}
+        | {settings.dlq(t): 1 for t in topics}
+        | {settings.topic_adapters: 1}
+    )
+
+
+def all_topics(settings: CommonSettings) -> dict[str, int]:
+    return knowledge_topics(settings) | serving_topics(settings)
+
+
 async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 30) -> list[str]:
     """Creates the missing topics with the given partition counts; returns those it created.
 

@@ -27,10 +27,22 @@ class CommonSettings(BaseSettings):
     ingest_port: int = 50051
     embed_port: int = 50052
     retrieve_port: int = 50053
+    infer_port: int = 50054
+    # Triton's own endpoints (started by the stack; the infer service talks gRPC to it).
+    triton_grpc_port: int = 8001
+    triton_http_port: int = 8000
+    triton_metrics_port: int = 8002
+    # Name of the LLM in Triton's model repository (deploy/triton).
+    triton_model: str = "llm"
 
     topic_raw_documents: str = "ks.documents.raw"
     topic_chunks: str = "ks.chunks"
     topic_embedded: str = "ks.chunks.embedded"
+    # Serving events: every answer, shadow pairs, user feedback, adapter lifecycle.
+    topic_inference: str = "ks.inference"
+    topic_shadow: str = "ks.inference.shadow"
+    topic_feedback: str = "ks.feedback"
+    topic_adapters: str = "ks.adapters"
     # Every topic that can receive bad data has "<topic><suffix>" as its dead-letter topic.
     dlq_suffix: str = ".dlq"
     topic_partitions: int = Field(4, ge=1, le=256)
@@ -55,6 +67,18 @@ class CommonSettings(BaseSettings):
         "all-MiniLM-L6-v2",
         description="Embedding model: a name known to services.common.models or a local path.",
     )
+
+    llm_model: str = Field(
+        "SmolLM2-135M-Instruct",
+        description="Causal LM served by Triton: a packaged model name or a local HF directory.",
+    )
+    # Adapter store (safetensors under content-hash ids); the registry's metadata is in Redis.
+    adapter_dir: Path = REPO_ROOT / ".run" / "adapters"
+    # Shares used when a candidate is put in shadow or canary without naming one.
+    rollout_shadow_share: float = Field(1.0, ge=0, le=1)
+    rollout_canary_share: float = Field(0.1, ge=0, le=1)
+    # Upper bound of max_new_tokens, enforced by the infer service and by the engine.
+    llm_max_new_tokens: int = Field(512, ge=1)
 
     def dlq(self, topic: str) -> str:
         return f"{topic}{self.dlq_suffix}"

@@ -319,6 +319,9 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
                     grpc.StatusCode.UNAVAILABLE, f"embed service unavailable: {exc.details()}"
                 )
             t2 = time.perf_counter()
+            if request.include_query_embedding:
+                reply.query_embedding.extend(np.asarray(vector, dtype=np.float32).ravel().tolist())
+                reply.embedding_model = self.settings.embed_model
             dense = index.search_dense(vector, candidates, filters, mask)
             reply.embed_ms, reply.dense_ms = (t2 - t) * 1000, (time.perf_counter() - t2) * 1000
         if mode in ("hybrid", "bm25"):

@@ -1,0 +1,145 @@
+"""Triton python-backend model: a thin adapter between Triton requests and
+services.infer.engine.LLMEngine (all logic, and its tests, live there)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # provided by Triton's python backend
+
+from services.common.models import resolve_llm_dir
+from services.infer.engine import LLMEngine
+from services.infer.llm import BASE, EngineError, LLMRequest, LLMResult
+from services.infer.settings import EngineSettings
+
+log = logging.getLogger("knowstream.triton.llm")
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _first(request, name, default):  # type: ignore[no-untyped-def]
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    value = tensor.as_numpy().reshape(-1)
+    if value.size == 0:
+        return default
+    item = value[0]
+    return item.decode("utf-8") if isinstance(item, bytes) else item.item()
+
+
+def _strings(request, name):  # type: ignore[no-untyped-def]
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return []
+    return [v.decode("utf-8") for v in tensor.as_numpy().reshape(-1) if v]
+
+
+def _response(result: LLMResult, text: str | None = None, batch: int = 1):  # type: ignore[no-untyped-def]
+    def tensor(name, values, dtype):  # type: ignore[no-untyped-def]
+        return pb_utils.Tensor(name, np.array([values], dtype=dtype))
+
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            tensor("text", [(result.text if text is None else text).encode()], object),
+            tensor("adapter", [result.adapter.encode()], object),
+            tensor("finish_reason", [result.finish_reason.encode()], object),
+            tensor("prompt_tokens", [result.prompt_tokens], np.int32),
+            tensor("completion_tokens", [result.completion_tokens], np.int32),
+            tensor("mean_logprob", [result.mean_logprob], np.float32),
+            pb_utils.Tensor(
+                "candidate_logprobs",
+                np.array([result.candidate_logprobs or [0.0]], dtype=np.float32),
+            ),
+            tensor("compute_ms", [result.compute_ms], np.float32),
+            tensor("batch_size", [batch], np.int32),
+        ]
+    )
+
+
+def _error(message: str):  # type: ignore[no-untyped-def]
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+class TritonPythonModel:
+    def initialize(self, args):  # type: ignore[no-untyped-def]
+        settings = EngineSettings()
+        logging.basicConfig(level=settings.log_level)
+        self.engine = LLMEngine(
+            resolve_llm_dir(settings.llm_model, settings.cache_dir),
+            settings.adapter_dir,
+            max_adapters=settings.llm_max_adapters,
+            max_prompt_tokens=settings.llm_max_prompt_tokens,
+            max_new_tokens=settings.llm_max_new_tokens,
+            threads=settings.llm_threads,
+        )
+
+    def execute(self, requests):  # type: ignore[no-untyped-def]
+        work: list[LLMRequest] = []
+        senders = []
+        for request in requests:
+            sender = request.get_response_sender()
+            control = _first(request, "control", "")
+            if control:
+                sender.send(self._control(control), flags=FINAL)
+                continue
+            try:
+                llm_request = LLMRequest(
+                    prompt=_first(request, "prompt", ""),
+                    system=_first(request, "system", ""),
+                    adapter=_first(request, "adapter", "") or BASE,
+                    max_new_tokens=int(_first(request, "max_new_tokens", 64)),
+                    temperature=float(_first(request, "temperature", 0.0)),
+                    top_p=float(_first(request, "top_p", 1.0)),
+                    stop=_strings(request, "stop"),
+                    candidates=_strings(request, "candidates"),
+                    raw_prompt=bool(_first(request, "raw_prompt", False)),
+                    ignore_eos=bool(_first(request, "ignore_eos", False)),
+                )
+            except (UnicodeDecodeError, ValueError) as exc:
+                sender.send(_error(f"bad request: {exc}"), flags=FINAL)
+                continue
+            if _first(request, "stream", False):
+                partial = LLMResult(adapter=llm_request.adapter, finish_reason="")
+                llm_request.on_text = lambda piece, s=sender, p=partial: s.send(_response(p, piece))
+            work.append(llm_request)
+            senders.append(sender)
+        if not work:
+            return None
+        try:
+            results = self.engine.run(work)
+        except Exception as exc:  # a crash must still answer every request
+            log.exception("batch failed")
+            for sender in senders:
+                sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)
+            return None
+        for sender, llm_request, result in zip(senders, work, results, strict=True):
+            if result.error:
+                sender.send(_error(result.error), flags=FINAL)
+            else:
+                # A streamed request already got its text piece by piece; the final response
+                # carries the totals (and the full text, for clients that want it whole).
+                sender.send(_response(result, batch=len(work)), flags=FINAL)
+        return None
+
+    def _control(self, raw: str):  # type: ignore[no-untyped-def]
+        try:
+            command = json.loads(raw)
+            op = command.get("op")
+            adapter_id = str(command.get("adapter_id", ""))
+            payload: dict = {}
+            if op == "load":
+                payload["load_s"] = self.engine.load_adapter(adapter_id)
+            elif op == "unload":
+                payload["unloaded"] = self.engine.unload_adapter(adapter_id)
+            elif op != "list":
+                raise EngineError(f"unknown control op {op!r} (load, unload, list)")
+        except (EngineError, ValueError, AttributeError) as exc:
+            return _error(str(exc))
+        payload["loaded"] = self.engine.loaded_adapters()
+        return _response(LLMResult(text=json.dumps(payload), finish_reason="control"))
+
+    def finalize(self):  # type: ignore[no-untyped-def]
+        self.engine = None

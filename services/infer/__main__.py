@@ -1,0 +1,5 @@
+import asyncio
+
+from services.infer.service import main
+
+asyncio.run(main())

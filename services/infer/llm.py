@@ -1,0 +1,59 @@
+"""What a request to the LLM is and what comes back: shared by the engine (inside Triton) and
+the infer service's Triton client, without importing torch."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.common.adapters import BASE
+
+__all__ = ["BASE", "EngineError", "LLMRequest", "LLMResult", "softmax"]
+
+ADAPTER_ID = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+class EngineError(ValueError):
+    """A request the engine refuses; the message goes back to the caller."""
+
+
+@dataclass
+class LLMRequest:
+    prompt: str
+    system: str = ""
+    adapter: str = BASE
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    # Score mode when non-empty: the log-probability of each candidate as the answer.
+    candidates: list[str] = field(default_factory=list)
+    # The prompt is used as is instead of going through the chat template.
+    raw_prompt: bool = False
+    # Generate exactly max_new_tokens (benchmarks compare equal work).
+    ignore_eos: bool = False
+    # Streaming: called with each new piece of text as it is generated.
+    on_text: Callable[[str], None] | None = None
+
+
+@dataclass
+class LLMResult:
+    text: str = ""
+    adapter: str = BASE
+    finish_reason: str = ""  # "stop" (stop sequence or end of turn), "length", "score", "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Mean log-probability of the generated tokens (0 when none).
+    mean_logprob: float = 0.0
+    candidate_logprobs: list[float] = field(default_factory=list)
+    compute_ms: float = 0.0
+    error: str = ""
+
+
+def softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]

@@ -1,0 +1,63 @@
+"""Which adapter serves a request, and how alike two answers are."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from services.common.adapters import BASE, Rollout
+
+
+@dataclass(frozen=True)
+class Route:
+    adapter: str
+    # "live", "canary" or "explicit".
+    route: str
+    # Adapter to mirror the request to (shadow mode), or None.
+    mirror: str | None = None
+
+
+def bucket(key: str) -> float:
+    """A stable number in [0, 1) for a key: the same caller always lands in the same bucket."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def route(rollout: Rollout, caller: str, rng: random.Random | None = None) -> Route:
+    """Routes a request that did not name an adapter.
+
+    Canary: a caller is in the canary when its bucket (salted with the candidate id, so each new
+    candidate gets a fresh sample of callers) is below the share; without a caller id every
+    request is drawn independently. Shadow: a share of live requests is mirrored.
+    """
+    rng = rng or random.Random()
+    live = rollout.live or BASE
+    candidate = rollout.candidate
+    if candidate and rollout.mode == "canary":
+        draw = bucket(f"{candidate}:{caller}") if caller else rng.random()
+        if draw < rollout.canary_share:
+            return Route(candidate, "canary")
+    if candidate and rollout.mode == "shadow" and candidate != live:
+        mirror = rng.random() < rollout.shadow_share
+        return Route(live, "live", candidate if mirror else None)
+    return Route(live, "live")
+
+
+_WORD = re.compile(r"\w+")
+
+
+def agreement(a: str, b: str, scored: bool = False) -> float:
+    """1.0 for the same answer. Score mode compares the chosen candidates; free text is
+    compared by token F1 (SQuAD-style, case-insensitive)."""
+    if scored:
+        return 1.0 if a.strip().lower() == b.strip().lower() else 0.0
+    ta, tb = _WORD.findall(a.lower()), _WORD.findall(b.lower())
+    if not ta and not tb:
+        return 1.0
+    common = sum((Counter(ta) & Counter(tb)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(ta), common / len(tb)
+    return 2 * precision * recall / (precision + recall)
