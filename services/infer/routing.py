@@ -51,9 +51,9 @@ _WORD = re.compile(r"\w+")
 def agreement(a: str, b: str, scored: bool = False) -> float:
     """1.0 for the same answer. Score mode compares the chosen candidates; free text is
     compared by token F1 (SQuAD-style, case-insensitive)."""
-    if scored:
-        return 1.0 if a.strip().lower() == b.strip().lower() else 0.0
     ta, tb = _WORD.findall(a.lower()), _WORD.findall(b.lower())
+    if scored:
+        return 1.0 if ta == tb else 0.0
     if not ta and not tb:
         return 1.0
     common = sum((Counter(ta) & Counter(tb)).values())

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput
@@ -128,6 +129,14 @@ class TritonLLM:
                 yield result
         except InferenceServerException as exc:
             raise _error(exc, self.url) from exc
+        except grpc.aio.AioRpcError as exc:  # the stream API lets transport errors through raw
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TritonDeadline(f"Triton did not answer within the deadline ({exc.details()})") from exc
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise TritonUnavailable(
+                    f"Triton at {self.url} is unavailable: {exc.details()}"
+                ) from exc
+            raise TritonRejected(f"{exc.code().name}: {exc.details()}") from exc
 
     async def stream(
         self, request: LLMRequest, timeout_s: float, priority: int = 0

@@ -1,0 +1,350 @@
+"""The serving path through the real Triton server (SmolLM2-135M-Instruct, python backend),
+the broker and Redis: answers with citations, streaming, hot swap, shadow, canary, errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kafka import KafkaConsumer
+
+from knowstream.events.v1 import events_pb2
+from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
+from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
+from services.cli.main import main as cli_main
+from services.cli.main import pubmedqa_document
+from services.common.adapters import create_random_adapter
+from services.common.clients import sync_channel
+from services.common.models import resolve_llm_dir
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+YES_NO_MAYBE = ["yes", "no", "maybe"]
+
+
+@pytest.fixture(scope="module")
+def infer(stack):
+    return infer_pb2_grpc.InferServiceStub(
+        sync_channel(stack.settings.address(stack.settings.infer_port))
+    )
+
+
+@pytest.fixture(scope="module")
+def admin(stack):
+    return infer_pb2_grpc.AdapterAdminServiceStub(
+        sync_channel(stack.settings.address(stack.settings.infer_port))
+    )
+
+
+@pytest.fixture(scope="module")
+def adapters(stack, admin, tmp_path_factory) -> list[str]:
+    """Two random LoRA adapters for the served model, registered and loaded."""
+    model_dir = resolve_llm_dir(stack.settings.llm_model, stack.settings.cache_dir)
+    ids = []
+    for seed in (11, 12):
+        path = create_random_adapter(
+            model_dir, tmp_path_factory.mktemp(f"adapter-{seed}"), seed=seed, scale=0.05
+        )
+        status = admin.RegisterAdapter(
+            infer_pb2.RegisterAdapterRequest(path=str(path), load=True), timeout=120
+        )
+        assert status.loaded and len(status.id) == 16
+        ids.append(status.id)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def indexed(stack, pubmedqa) -> list[tuple[str, dict]]:
+    items = list(pubmedqa.items())[:3]
+    ingest = ingest_pb2_grpc.IngestServiceStub(
+        sync_channel(stack.settings.address(stack.settings.ingest_port))
+    )
+    retrieve = retrieve_pb2_grpc.RetrieveServiceStub(
+        sync_channel(stack.settings.address(stack.settings.retrieve_port))
+    )
+    ingest.IngestDocuments(
+        ingest_pb2.IngestDocumentsRequest(documents=[pubmedqa_document(k, v) for k, v in items]),
+        timeout=60,
+    )
+
+    def searchable() -> bool:
+        for pmid, _ in items:
+            reply = retrieve.Search(
+                retrieve_pb2.SearchRequest(
+                    query="study", k=1, filters=retrieve_pb2.SearchFilters(doc_ids=[pmid])
+                ),
+                timeout=10,
+            )
+            if not reply.hits:
+                return False
+        return True
+
+    wait_for(searchable, 180, "the abstracts to be searchable")
+    return items
+
+
+def quick(question: str = "Is exercise good for the heart?", **kw) -> infer_pb2.AskRequest:
+    """A cheap request: no retrieval, score mode (one forward pass)."""
+    return infer_pb2.AskRequest(
+        question=question, no_retrieval=True, candidates=YES_NO_MAYBE, **kw
+    )
+
+
+def read_events(settings, topic: str, cls, match, timeout_s: float = 30):
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1000,
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for message in consumer:
+                event = cls.FromString(message.value)
+                if match(event):
+                    return event
+    finally:
+        consumer.close()
+    raise AssertionError(f"no matching {cls.__name__} on {topic} within {timeout_s}s")
+
+
+def test_infer_has_health_and_triton_is_up(stack):
+    with sync_channel(stack.settings.address(stack.settings.infer_port)) as chan:
+        for name in ("knowstream.infer.v1.InferService", "knowstream.infer.v1.AdapterAdminService"):
+            reply = health_pb2_grpc.HealthStub(chan).Check(
+                health_pb2.HealthCheckRequest(service=name), timeout=5
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert stack.triton_ready()
+
+
+def test_answer_cites_the_ingested_abstract(stack, infer, indexed):
+    for pmid, item in indexed:
+        reply = infer.Ask(
+            infer_pb2.AskRequest(question=item["QUESTION"], k=3, max_tokens=24), timeout=120
+        )
+        assert reply.answer.strip() and reply.completion_tokens > 0
+        assert pmid in {c.doc_id for c in reply.citations}, (pmid, reply.citations)
+        assert all(c.chunk_id.startswith(c.doc_id + "#") for c in reply.citations)
+        assert reply.adapter and reply.route in ("live", "canary")
+        assert reply.latency.retrieve_ms > 0 and reply.latency.generate_ms > 0
+        assert reply.latency.total_ms >= reply.latency.generate_ms
+        assert 0 < reply.confidence <= 1
+
+    event = read_events(
+        stack.settings,
+        stack.settings.topic_inference,
+        events_pb2.InferenceEvent,
+        lambda e: e.request_id == reply.request_id,
+    )
+    assert event.question == indexed[-1][1]["QUESTION"] and event.answer == reply.answer
+    assert len(event.query_embedding) == 384 and event.embedding_model
+    assert [r.chunk_id for r in event.retrieved] == [c.chunk_id for c in reply.citations]
+
+
+def test_score_mode_and_cli_json(stack, indexed, capsys):
+    pmid, item = indexed[0]
+    code = cli_main(
+        ["ask", item["QUESTION"], "-k", "2", "--candidates", *YES_NO_MAYBE, "--json"]
+    )
+    assert code == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["answer"] in YES_NO_MAYBE
+    assert {"doc_id", "chunk_id"} == set(last["citations"][0])
+    assert pmid in {c["doc_id"] for c in last["citations"]}
+    assert set(last["latency_ms"]) >= {"retrieve", "prompt", "generate"}
+    assert last["adapter"] and 0 < last["confidence"] <= 1
+
+
+def test_stream_sends_the_answer_piece_by_piece(infer):
+    request = infer_pb2.AskRequest(
+        question="Name three symptoms of the flu.", no_retrieval=True, max_tokens=24,
+        ignore_eos=True,
+    )
+    chunks = list(infer.AskStream(request, timeout=120))
+    pieces = [c.text for c in chunks if c.WhichOneof("kind") == "text"]
+    final = chunks[-1].final
+    assert chunks[-1].WhichOneof("kind") == "final" and len(pieces) > 3
+    assert "".join(pieces) == final.answer and final.completion_tokens == 24
+
+
+def test_live_flips_under_load_without_failed_requests(admin, infer, adapters):
+    a, b = adapters
+    admin.Promote(infer_pb2.PromoteRequest(adapter=a), timeout=60)
+    stop = threading.Event()
+    served: list[tuple[float, float, str]] = []
+    failures: list[str] = []
+
+    def client(n: int) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                reply = infer.Ask(quick(f"Question {n}: is water wet?"), timeout=60)
+                served.append((started, time.monotonic(), reply.adapter))
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    flips: list[tuple[float, float, str]] = []
+    try:
+        time.sleep(2)
+        for target in (b, a, b):
+            called = time.monotonic()
+            state = admin.Promote(infer_pb2.PromoteRequest(adapter=target), timeout=60)
+            flips.append((called, time.monotonic(), target))
+            assert state.live == target
+            time.sleep(2)
+        called = time.monotonic()
+        state = admin.Rollback(infer_pb2.RollbackRequest(reason="test"), timeout=60)
+        flips.append((called, time.monotonic(), a))
+        assert state.live == a and state.history[0] == b
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not failures
+    checked = 0
+    for i, (_, returned, target) in enumerate(flips):
+        next_call = flips[i + 1][0] if i + 1 < len(flips) else float("inf")
+        after = [adapter for started, _, adapter in served if returned < started < next_call]
+        assert after and all(adapter == target for adapter in after), (i, target, after)
+        checked += len(after)
+    assert checked >= 8
+
+
+def test_shadow_mirrors_and_records_pairs(stack, admin, infer, adapters):
+    a, b = adapters
+    admin.Promote(infer_pb2.PromoteRequest(adapter=a), timeout=60)
+    state = admin.SetRollout(
+        infer_pb2.SetRolloutRequest(adapter=b, mode="shadow", share=1.0), timeout=60
+    )
+    assert state.candidate == b and state.mode == "shadow"
+    try:
+        reply = infer.Ask(quick("Does smoking cause lung cancer?"), timeout=60)
+        assert reply.adapter == a and reply.route == "live"
+        pair = read_events(
+            stack.settings,
+            stack.settings.topic_shadow,
+            events_pb2.ShadowPairEvent,
+            lambda e: e.request_id == reply.request_id,
+        )
+        assert pair.live_adapter == a and pair.shadow_adapter == b and not pair.shadow_error
+        assert pair.live_answer == reply.answer and pair.shadow_answer in YES_NO_MAYBE
+        assert pair.agreement in (0.0, 1.0)
+        event = read_events(
+            stack.settings,
+            stack.settings.topic_inference,
+            events_pb2.InferenceEvent,
+            lambda e: e.request_id == reply.request_id,
+        )
+        assert event.mirrored and event.adapter == a
+        shadow_alias = infer.Ask(quick(adapter="shadow"), timeout=60)
+        assert shadow_alias.adapter == b and shadow_alias.route == "explicit"
+    finally:
+        admin.SetRollout(infer_pb2.SetRolloutRequest(mode="off"), timeout=60)
+
+
+def test_canary_serves_a_sticky_share_of_callers(admin, infer, adapters):
+    a, b = adapters
+    admin.Promote(infer_pb2.PromoteRequest(adapter=a), timeout=60)
+    admin.SetRollout(infer_pb2.SetRolloutRequest(adapter=b, mode="canary", share=0.5), timeout=60)
+    try:
+        first = {c: infer.Ask(quick(caller=f"user-{c}"), timeout=60) for c in range(12)}
+        for c in range(12):
+            again = infer.Ask(quick(caller=f"user-{c}"), timeout=60)
+            assert again.adapter == first[c].adapter
+        routes = {r.route for r in first.values()}
+        assert routes == {"live", "canary"}
+        assert all((r.adapter == b) == (r.route == "canary") for r in first.values())
+    finally:
+        admin.SetRollout(infer_pb2.SetRolloutRequest(mode="off"), timeout=60)
+
+
+def test_adapter_admin_lists_and_shows(stack, admin, infer, adapters):
+    listed = admin.ListAdapters(infer_pb2.ListAdaptersRequest(), timeout=30)
+    by_id = {a.id: a for a in listed.adapters}
+    assert set(adapters) <= set(by_id) and all(by_id[a].loaded for a in adapters)
+    live = admin.GetAdapter(infer_pb2.GetAdapterRequest(adapter="live"), timeout=30)
+    assert "live" in live.aliases and live.rank == 8
+    with pytest.raises(grpc.RpcError) as err:
+        admin.GetAdapter(infer_pb2.GetAdapterRequest(adapter="feedfacefeedface"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        admin.RegisterAdapter(infer_pb2.RegisterAdapterRequest(path="/nonexistent"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_feedback_is_published(stack, infer):
+    answer = infer.Ask(quick(), timeout=60)
+    ack = infer.SubmitFeedback(
+        infer_pb2.FeedbackRequest(request_id=answer.request_id, rating=-1, correction="no"),
+        timeout=30,
+    )
+    event = read_events(
+        stack.settings,
+        stack.settings.topic_feedback,
+        events_pb2.FeedbackEvent,
+        lambda e: e.header.event_id == ack.event_id,
+    )
+    assert event.request_id == answer.request_id and event.rating == -1
+    assert event.correction == "no"
+
+
+@pytest.mark.parametrize(
+    "request_kw, code, message",
+    [
+        ({"question": "   "}, grpc.StatusCode.INVALID_ARGUMENT, "question is empty"),
+        ({"question": "q", "adapter": "0123456789abcdef"}, grpc.StatusCode.NOT_FOUND, "unknown"),
+        ({"question": "q", "max_tokens": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        ({"question": "q", "k": 99}, grpc.StatusCode.INVALID_ARGUMENT, "k=99"),
+        ({"question": "q", "temperature": 9}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ],
+)
+def test_bad_requests_get_clear_errors(infer, request_kw, code, message):
+    with pytest.raises(grpc.RpcError) as err:
+        infer.Ask(infer_pb2.AskRequest(**request_kw), timeout=10)
+    assert err.value.code() == code and message in err.value.details()
+
+
+def test_rollout_errors(admin):
+    with pytest.raises(grpc.RpcError) as err:
+        admin.SetRollout(infer_pb2.SetRolloutRequest(adapter="live", mode="bogus"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        admin.SetRollout(infer_pb2.SetRolloutRequest(adapter="nope", mode="shadow"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_triton_down_gives_unavailable_within_the_deadline(stack, infer):
+    stack.stop("triton")
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            infer.Ask(quick(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "Triton" in err.value.details() and time.monotonic() - started < 10
+        wait_for(lambda: stack.health("infer") == "NOT_SERVING", 30, "infer to report NOT_SERVING")
+    finally:
+        stack.start_triton()
+        stack.wait_serving(["infer"], 120)
+    assert infer.Ask(quick(), timeout=60).answer in YES_NO_MAYBE
+
+
+def test_adapter_files_are_content_addressed(stack, adapters):
+    for adapter_id in adapters:
+        stored = Path(stack.env["KS_ADAPTER_DIR"]) / adapter_id
+        assert (stored / "adapter_model.safetensors").is_file()
+        assert (stored / "adapter_config.json").is_file()

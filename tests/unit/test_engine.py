@@ -1,0 +1,129 @@
+"""The LLM engine on a tiny random Llama (the real SmolLM2 tokenizer, 2 small layers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.common.adapters import create_random_adapter, store_adapter
+from services.common.models import resolve_llm_dir
+from services.common.settings import CommonSettings
+from services.infer.engine import LLMEngine
+from services.infer.llm import LLMRequest
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    source = resolve_llm_dir("SmolLM2-135M-Instruct", CommonSettings().cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    out = tmp_path_factory.mktemp("tiny-llm")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model, tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("adapters")
+    ids = []
+    for seed in (1, 2, 3):
+        path = create_random_adapter(tiny_model, root / f"src-{seed}", seed=seed, scale=0.5)
+        ids.append(store_adapter(path, root / "store")[0])
+    return root / "store", ids
+
+
+@pytest.fixture()
+def engine(tiny_model, store) -> LLMEngine:
+    return LLMEngine(tiny_model, store[0], max_adapters=2, max_new_tokens=32)
+
+
+def test_mixed_adapter_batch_matches_each_request_alone(engine, store):
+    a, b, _ = store[1]
+    requests = [
+        LLMRequest("hello there", max_new_tokens=8, ignore_eos=True),
+        LLMRequest("hello there", adapter=a, max_new_tokens=8, ignore_eos=True),
+        LLMRequest("a longer prompt about medicine", adapter=b, max_new_tokens=5, ignore_eos=True),
+        LLMRequest("is it?", adapter=a, candidates=["yes", "no", "maybe so"]),
+    ]
+    together = engine.run(requests)
+    for request, batched in zip(requests, together, strict=True):
+        alone = engine.run([request])[0]
+        assert not batched.error and batched.adapter == request.adapter
+        assert batched.text == alone.text
+        assert batched.completion_tokens == alone.completion_tokens
+        assert batched.candidate_logprobs == pytest.approx(alone.candidate_logprobs, abs=1e-4)
+    assert [r.completion_tokens for r in together[:3]] == [8, 8, 5]
+    # Random LoRA weights change the outputs: the adapter is really applied.
+    assert together[0].mean_logprob != pytest.approx(together[1].mean_logprob, abs=1e-6)
+
+
+def test_score_mode_equals_the_sum_of_token_logprobs(engine, tiny_model):
+    request = LLMRequest("Is the sky blue?", candidates=["yes", "no", "maybe not"])
+    result = engine.run([request])[0]
+    assert result.finish_reason == "score" and len(result.candidate_logprobs) == 3
+    prompt = engine.encode_prompt(request)
+    for candidate, score in zip(request.candidates, result.candidate_logprobs, strict=True):
+        tokens = engine.tokenizer(candidate, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + tokens])
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(engine.base(ids).logits[0].float(), dim=-1)
+        expected = sum(float(logprobs[len(prompt) - 1 + j, t]) for j, t in enumerate(tokens))
+        assert score == pytest.approx(expected, abs=1e-3)
+    assert result.text == request.candidates[result.candidate_logprobs.index(max(result.candidate_logprobs))]
+
+
+def test_streamed_pieces_add_up_to_the_answer_and_stop_sequences_cut(engine):
+    pieces: list[str] = []
+    free = engine.run([LLMRequest("tell me", max_new_tokens=12, ignore_eos=True)])[0]
+    assert free.text
+    stop = free.text.strip()[2:4] or free.text[:1]
+    streamed = engine.run(
+        [LLMRequest("tell me", max_new_tokens=12, ignore_eos=True, stop=[stop], on_text=pieces.append)]
+    )[0]
+    assert "".join(pieces) == streamed.text
+    assert stop not in streamed.text and streamed.finish_reason == "stop"
+    assert free.text.startswith(streamed.text)
+
+
+def test_bad_requests_fail_alone(engine, store):
+    results = engine.run(
+        [
+            LLMRequest("fine", max_new_tokens=3),
+            LLMRequest("too long", max_new_tokens=33),
+            LLMRequest("unknown", adapter="0123456789abcdef", max_new_tokens=2),
+            LLMRequest("not an id", adapter="../etc", max_new_tokens=2),
+            LLMRequest("   ", max_new_tokens=2),
+        ]
+    )
+    assert not results[0].error and results[0].completion_tokens >= 1
+    assert "outside 1..32" in results[1].error
+    assert "not in the store" in results[2].error
+    assert "not a content-hash id" in results[3].error
+    assert "empty prompt" in results[4].error
+
+
+def test_adapters_load_lazily_and_the_least_recently_used_is_evicted(engine, store):
+    a, b, c = store[1]
+    assert engine.load_adapter(a) > 0 and engine.load_adapter(a) == 0
+    engine.run([LLMRequest("x", adapter=b, max_new_tokens=1)])  # lazy load
+    assert engine.loaded_adapters() == [a, b]
+    engine.run([LLMRequest("x", adapter=c, max_new_tokens=1)])  # max 2: evicts a
+    assert engine.loaded_adapters() == [b, c]
+    assert engine.unload_adapter(b) and engine.loaded_adapters() == [c]
+    again = engine.run([LLMRequest("x", adapter=a, max_new_tokens=1)])[0]
+    assert not again.error and engine.loaded_adapters() == [c, a]
