@@ -196,7 +196,9 @@ class Stack:
         return triton_ready(self.settings)
 
     def create_topics(self) -> None:
-        created = asyncio.run(ensure_topics(self.settings.kafka_bootstrap, all_topics(self.settings)))
+        created = asyncio.run(
+            ensure_topics(self.settings.kafka_bootstrap, all_topics(self.settings))
+        )
         if created:
             print(f"topics created: {', '.join(sorted(created))}")
 
@@ -370,9 +372,7 @@ def triton_ready(settings: CommonSettings) -> bool:
     import urllib.error
     import urllib.request
 
-    url = (
-        f"http://{settings.host}:{settings.triton_http_port}/v2/models/{settings.triton_model}/ready"
-    )
+    url = f"http://{settings.host}:{settings.triton_http_port}/v2/models/{settings.triton_model}/ready"
     try:
         with urllib.request.urlopen(url, timeout=1) as reply:
             return bool(reply.status == 200)

@@ -162,7 +162,9 @@ def _print_rollout(r: infer_pb2.RolloutState, as_json: bool) -> None:
         return
     candidate = f"{r.candidate} ({r.mode})" if r.candidate else "none"
     share = r.shadow_share if r.mode == "shadow" else r.canary_share
-    print(f"live: {r.live}   candidate: {candidate}" + (f" share {share:.2f}" if r.candidate else ""))
+    print(
+        f"live: {r.live}   candidate: {candidate}" + (f" share {share:.2f}" if r.candidate else "")
+    )
     print(f"rollout version {r.version}; rollback history: {', '.join(r.history) or 'empty'}")
 
 
@@ -210,13 +212,19 @@ def cmd_adapters(args: argparse.Namespace, settings: CommonSettings) -> int:
                     infer_pb2.RegisterAdapterRequest(path=str(Path(adapter).resolve())), timeout=t
                 ).id
             reply = admin.LoadAdapter(infer_pb2.LoadAdapterRequest(adapter=adapter), timeout=t)
-            print(f"{reply.adapter_id} loaded in {reply.load_s:.3f}s; Triton holds: "
-                  f"{', '.join(reply.loaded)}")
+            print(
+                f"{reply.adapter_id} loaded in {reply.load_s:.3f}s; Triton holds: "
+                f"{', '.join(reply.loaded)}"
+            )
         elif args.action == "unload":
-            reply = admin.UnloadAdapter(infer_pb2.LoadAdapterRequest(adapter=args.adapter), timeout=t)
+            reply = admin.UnloadAdapter(
+                infer_pb2.LoadAdapterRequest(adapter=args.adapter), timeout=t
+            )
             print(f"{reply.adapter_id} unloaded; Triton holds: {', '.join(reply.loaded) or 'none'}")
         elif args.action in ("shadow", "canary", "off"):
-            request = infer_pb2.SetRolloutRequest(adapter=getattr(args, "adapter", ""), mode=args.action)
+            request = infer_pb2.SetRolloutRequest(
+                adapter=getattr(args, "adapter", ""), mode=args.action
+            )
             if getattr(args, "share", None) is not None:
                 request.share = args.share
             _print_rollout(admin.SetRollout(request, timeout=t), args.json)

@@ -16,6 +16,7 @@ Trainer and infer service both use this module; the Triton model only reads the 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
@@ -66,7 +67,7 @@ class AdapterInfo:
         return {k: str(v) for k, v in data.items()}
 
     @classmethod
-    def from_redis(cls, raw: dict[bytes, bytes]) -> AdapterInfo:
+    def from_redis(cls, raw: dict[Any, Any]) -> AdapterInfo:
         d = {text(k): text(v) for k, v in raw.items()}
         return cls(
             id=d["id"],
@@ -207,7 +208,8 @@ class AdapterRegistry:
         lineage: dict[str, Any] | None = None,
     ) -> tuple[AdapterInfo, bool]:
         """Stores and registers an adapter; returns its info and whether it was new."""
-        adapter_id, path = store_adapter(Path(source), self.adapter_dir)
+        # Copying and hashing the weights is file work: off the event loop.
+        adapter_id, path = await asyncio.to_thread(store_adapter, Path(source), self.adapter_dir)
         existing = await self.get(adapter_id)
         if existing is not None:
             return existing, False
@@ -218,7 +220,7 @@ class AdapterRegistry:
             parent=parent,
             description=description,
             lineage=lineage or {},
-            **describe(path),
+            **await asyncio.to_thread(describe, path),
         )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key(adapter_id), mapping=info.to_redis())  # type: ignore[arg-type]
@@ -231,7 +233,8 @@ class AdapterRegistry:
         return AdapterInfo.from_redis(raw) if raw else None
 
     async def list(self) -> list[AdapterInfo]:
-        ids = [text(i) for i in await self.redis.zrange(self.index_key, 0, -1)]
+        members: list[Any] = await self.redis.zrange(self.index_key, 0, -1)
+        ids = [text(i) for i in members]
         infos = [await self.get(i) for i in ids]
         return [i for i in infos if i is not None]
 
@@ -239,7 +242,9 @@ class AdapterRegistry:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.rollout_key)
             pipe.lrange(self.history_key, 0, 19)
-            raw, history = await pipe.execute()
+            replies: list[Any] = await pipe.execute()
+        raw: dict[Any, Any] = replies[0]
+        history: list[Any] = replies[1]
         d = {text(k): text(v) for k, v in raw.items()}
         return Rollout(
             live=d.get("live") or BASE,
@@ -342,5 +347,5 @@ def create_random_adapter(
             if "lora_" in name:
                 param.normal_(0.0, scale)
     peft_model.peft_config["default"].base_model_name_or_path = str(model_dir)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(str(out_dir))
     return out_dir

@@ -60,7 +60,9 @@ def resolve_llm_dir(name_or_path: str, cache_dir: Path) -> Path:
         return path
     if name_or_path not in PACKAGED_LLMS:
         known = ", ".join(sorted(PACKAGED_LLMS))
-        raise ValueError(f"LLM {name_or_path!r} is neither a directory nor a packaged model ({known})")
+        raise ValueError(
+            f"LLM {name_or_path!r} is neither a directory nor a packaged model ({known})"
+        )
     package, gguf_name = PACKAGED_LLMS[name_or_path]
     target = cache_dir / "llm" / name_or_path.replace("/", "--")
     if (target / "config.json").exists():

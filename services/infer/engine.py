@@ -10,17 +10,24 @@ different adapters: a batch on one adapter runs it directly, a mixed batch uses 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from services.infer.llm import ADAPTER_ID, BASE, EngineError, LLMRequest, LLMResult
 
 log = logging.getLogger(__name__)
+
 
 class LLMEngine:
     def __init__(
@@ -52,8 +59,9 @@ class LLMEngine:
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
     # -- adapters ---------------------------------------------------------------------------
-    def load_adapter(self, adapter_id: str) -> float:
-        """Loads an adapter from the store; returns the seconds it took (0 if already loaded)."""
+    def load_adapter(self, adapter_id: str, pinned: frozenset[str] = frozenset()) -> float:
+        """Loads an adapter from the store; returns the seconds it took (0 if already loaded).
+        ``pinned`` adapters (in use by running requests) are never evicted to make room."""
         if adapter_id in self.loaded:
             self.loaded.move_to_end(adapter_id)
             return 0.0
@@ -64,9 +72,14 @@ class LLMEngine:
             raise EngineError(f"adapter {adapter_id} is not in the store ({path})")
         start = time.perf_counter()
         while len(self.loaded) >= self.max_adapters:
-            evicted, _ = self.loaded.popitem(last=False)
-            self.net.delete_adapter(evicted)
-            log.info("evicted adapter %s (LRU, max %d)", evicted, self.max_adapters)
+            evictable = [a for a in self.loaded if a not in pinned]
+            if not evictable:
+                raise EngineError(
+                    f"all {self.max_adapters} adapter slots are in use by running requests"
+                )
+            self.loaded.pop(evictable[0])
+            self.net.delete_adapter(evictable[0])
+            log.info("evicted adapter %s (LRU, max %d)", evictable[0], self.max_adapters)
         try:
             if self.net is self.base:
                 from peft import PeftModel
@@ -106,40 +119,44 @@ class LLMEngine:
         return nullcontext(), {"adapter_names": ["__base__" if a == BASE else a for a in adapters]}
 
     # -- requests ---------------------------------------------------------------------------
+    def prepare(self, request: LLMRequest, pinned: frozenset[str] = frozenset()) -> list[int]:
+        """Validates a request, loads its adapter if needed and returns its prompt token ids;
+        raises :class:`EngineError` with the reason otherwise."""
+        self._validate(request)
+        if request.adapter != BASE:
+            self.load_adapter(request.adapter, pinned)
+            self.loaded.move_to_end(request.adapter)
+        ids = self.encode_prompt(request)
+        if len(ids) > self.max_prompt_tokens:
+            raise EngineError(
+                f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}"
+            )
+        return ids
+
     def run(self, requests: list[LLMRequest]) -> list[LLMResult]:
-        """Serves one batch. A bad request gets a result with ``error`` set; its neighbours are
-        served."""
+        """Serves one batch to completion (tests, benchmarks, in-process use). A bad request
+        gets a result with ``error`` set; its neighbours are served."""
         results = [LLMResult(adapter=r.adapter) for r in requests]
-        generate: list[int] = []
-        score: list[int] = []
-        prompt_ids: dict[int, list[int]] = {}
-        for i, request in enumerate(requests):
+        batch = DecodeBatch(self)
+        scores: list[tuple[LLMRequest, list[int], LLMResult]] = []
+        admitted: list[tuple[LLMRequest, list[int], LLMResult]] = []
+        for request, result in zip(requests, results, strict=True):
             try:
-                self._validate(request)
-                if request.adapter != BASE:
-                    self.load_adapter(request.adapter)
-                ids = self.encode_prompt(request)
-                if len(ids) > self.max_prompt_tokens:
-                    raise EngineError(
-                        f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}"
-                    )
+                ids = self.prepare(request, frozenset(r.adapter for r, _, _ in admitted))
             except EngineError as exc:
-                results[i].error = str(exc)
-                results[i].finish_reason = "error"
+                result.error, result.finish_reason = str(exc), "error"
                 continue
-            prompt_ids[i] = ids
-            results[i].prompt_tokens = len(ids)
-            (score if request.candidates else generate).append(i)
-        for adapter in {requests[i].adapter for i in prompt_ids}:
-            if adapter != BASE:
-                self.loaded.move_to_end(adapter)
+            result.prompt_tokens = len(ids)
+            (scores if request.candidates else admitted).append((request, ids, result))
         with torch.inference_mode():
-            if generate:
-                self._generate([requests[i] for i in generate], [prompt_ids[i] for i in generate],
-                               [results[i] for i in generate])
-            if score:
-                self._score([requests[i] for i in score], [prompt_ids[i] for i in score],
-                            [results[i] for i in score])
+            if admitted:
+                batch.admit(admitted, lambda result: None)
+                while batch.rows:
+                    batch.step()
+            if scores:
+                self._score(
+                    [r for r, _, _ in scores], [i for _, i, _ in scores], [x for _, _, x in scores]
+                )
         return results
 
     def _validate(self, request: LLMRequest) -> None:
@@ -160,10 +177,10 @@ class LLMEngine:
             return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         messages = [{"role": "system", "content": request.system}] if request.system else []
         messages.append({"role": "user", "content": request.prompt})
-        encoded = self.tokenizer.apply_chat_template(
+        encoded: Any = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True
         )
-        if isinstance(encoded, dict) or hasattr(encoded, "keys"):
+        if hasattr(encoded, "keys"):  # newer transformers return a BatchEncoding
             encoded = encoded["input_ids"]
         return [int(t) for t in encoded]
 
@@ -183,90 +200,26 @@ class LLMEngine:
                 ids.add(tid)
         return ids
 
-    # -- generation -------------------------------------------------------------------------
-    def _generate(
-        self, requests: list[LLMRequest], prompts: list[list[int]], results: list[LLMResult]
-    ) -> None:
-        start = time.perf_counter()
-        batch = len(requests)
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for row, ids in enumerate(prompts):  # left padding: every row ends at the same column
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        temps = torch.tensor([r.temperature for r in requests])
-        top_ps = torch.tensor([r.top_p for r in requests])
-        limits = [r.max_new_tokens for r in requests]
-        generated: list[list[int]] = [[] for _ in requests]
-        logprob_sums = [0.0] * batch
-        done = [False] * batch
-        texts = [""] * batch
-        emitted = [0] * batch
-        hold = [max((len(s) for s in r.stop), default=1) - 1 for r in requests]
-        context, extra = self._adapter_context([r.adapter for r in requests])
-        past = None
-        step_ids = input_ids
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        adapters: list[str],
+        past: Any = None,
+        keep: int = 1,
+    ) -> Any:
+        context, extra = self._adapter_context(adapters)
         with context:
-            for _ in range(max(limits)):
-                out = self.net(
-                    input_ids=step_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=past,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **extra,
-                )
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float()
-                logprobs = torch.log_softmax(logits, dim=-1)
-                next_ids = _pick(logits, temps, top_ps)
-                for row, request in enumerate(requests):
-                    if done[row]:
-                        next_ids[row] = self.pad_id
-                        continue
-                    token = int(next_ids[row])
-                    if token in self.stop_ids and not request.ignore_eos:
-                        done[row] = True
-                        results[row].finish_reason = "stop"
-                        continue
-                    generated[row].append(token)
-                    logprob_sums[row] += float(logprobs[row, token])
-                    texts[row] = self.tokenizer.decode(generated[row], skip_special_tokens=True)
-                    cut = _find_stop(texts[row], request.stop)
-                    if cut is not None:
-                        texts[row] = texts[row][:cut]
-                        done[row] = True
-                        results[row].finish_reason = "stop"
-                    elif len(generated[row]) >= limits[row]:
-                        done[row] = True
-                        results[row].finish_reason = "length"
-                    if request.on_text is not None:
-                        # Hold back what could be the start of a stop sequence or half a
-                        # multi-byte character; the final flush sends the rest.
-                        safe = len(texts[row]) if done[row] else len(texts[row]) - hold[row]
-                        while safe > emitted[row] and texts[row][safe - 1] == "\ufffd":
-                            safe -= 1
-                        if safe > emitted[row]:
-                            request.on_text(texts[row][emitted[row] : safe])
-                            emitted[row] = safe
-                if all(done):
-                    break
-                step_ids = next_ids.unsqueeze(1)
-                mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
-                positions = positions[:, -1:] + 1
-        elapsed_ms = (time.perf_counter() - start) * 1000
-        for row, request in enumerate(requests):
-            result = results[row]
-            result.text = texts[row]
-            result.completion_tokens = len(generated[row])
-            result.mean_logprob = logprob_sums[row] / max(1, len(generated[row]))
-            result.finish_reason = result.finish_reason or "length"
-            result.compute_ms = elapsed_ms
-            if request.on_text is not None and len(texts[row]) > emitted[row]:
-                request.on_text(texts[row][emitted[row] :])
+            return self.net(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=past,
+                use_cache=past is not None or keep == 1,
+                logits_to_keep=keep,
+                **extra,
+            )
 
     # -- score mode -------------------------------------------------------------------------
     def _score(
@@ -320,17 +273,298 @@ class LLMEngine:
         for qi, ci, r, appended, targets in plan:
             # The logit at column keep-1-appended+j predicts target j.
             first = keep - 1 - appended
-            scores[qi][ci] = float(
-                sum(logprobs[r, first + j, t] for j, t in enumerate(targets))
-            )
+            scores[qi][ci] = float(sum(logprobs[r, first + j, t] for j, t in enumerate(targets)))
         elapsed_ms = (time.perf_counter() - start) * 1000
         for qi, result in enumerate(results):
+            result.batch_size = len(results)
             result.candidate_logprobs = scores[qi]
             best = max(range(len(scores[qi])), key=scores[qi].__getitem__)
             result.text = requests[qi].candidates[best]
             result.finish_reason = "score"
             result.mean_logprob = scores[qi][best]
             result.compute_ms = elapsed_ms
+
+
+@dataclass
+class _Row:
+    request: LLMRequest
+    result: LLMResult
+    on_done: Callable[[LLMResult], None]
+    # Tokens of this row in the KV cache (prompt + fed tokens); its columns are the rightmost.
+    length: int
+    started: float
+    generated: list[int] = field(default_factory=list)
+    logprob_sum: float = 0.0
+    text: str = ""
+    emitted: int = 0
+    # Chosen but not yet fed to the model.
+    next_token: int = 0
+    finished: bool = False
+
+
+class DecodeBatch:
+    """A running batch with iteration-level admission (continuous batching): new requests are
+    prefilled and merged into the KV cache between decode steps, finished ones leave at once.
+
+    Rows are left-padded, so each row's tokens are the rightmost ``length`` columns of the
+    cache; merging pads the shorter cache on the left, and columns that are padding for every
+    remaining row are cut off after rows leave, so the cache never outgrows its longest row.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.rows: list[_Row] = []
+        self.past: Any = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long)
+        self.steps = 0
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def admit(
+        self,
+        requests: list[tuple[LLMRequest, list[int], LLMResult]],
+        on_done: Callable[[LLMResult], None] | list[Callable[[LLMResult], None]],
+    ) -> None:
+        """Prefills new requests together and merges them into the running batch."""
+        callbacks = on_done if isinstance(on_done, list) else [on_done] * len(requests)
+        now = time.perf_counter()
+        width = max(len(ids) for _, ids, _ in requests)
+        input_ids = torch.full((len(requests), width), self.engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for r, (_, ids, _) in enumerate(requests):
+            input_ids[r, width - len(ids) :] = torch.tensor(ids)
+            mask[r, width - len(ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.engine.forward(
+            input_ids, mask, positions, [req.adapter for req, _, _ in requests], DynamicCache()
+        )
+        new_rows = [
+            _Row(req, result, cb, len(ids), now)
+            for (req, ids, result), cb in zip(requests, callbacks, strict=True)
+        ]
+        self._merge(out.past_key_values, mask)
+        self.rows.extend(new_rows)
+        for row in new_rows:
+            row.result.batch_size = len(requests)
+        self._choose(new_rows, out.logits[:, -1, :])
+        self._retire()
+
+    def step(self) -> None:
+        """Feeds every row its chosen token and chooses the next one."""
+        if not self.rows:
+            return
+        tokens = torch.tensor([[row.next_token] for row in self.rows])
+        positions = torch.tensor([[row.length] for row in self.rows])
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
+        out = self.engine.forward(
+            tokens, self.mask, positions, [row.request.adapter for row in self.rows], self.past
+        )
+        self.past = out.past_key_values
+        for row in self.rows:
+            row.length += 1
+            row.result.batch_size = max(row.result.batch_size, len(self.rows))
+        self.steps += 1
+        self._choose(self.rows, out.logits[:, -1, :])
+        self._retire()
+
+    def _merge(self, past: Any, mask: torch.Tensor) -> None:
+        if not self.rows:
+            self.past, self.mask = past, mask
+            return
+        width = max(self.width, int(mask.shape[1]))
+
+        def pad(t: torch.Tensor, to: int) -> torch.Tensor:
+            if t.shape[-2] == to:
+                return t
+            shape = (*t.shape[:-2], to - t.shape[-2], t.shape[-1])
+            return torch.cat([t.new_zeros(shape), t], dim=-2)
+
+        for mine, theirs in zip(self.past.layers, past.layers, strict=True):
+            mine.keys = torch.cat([pad(mine.keys, width), pad(theirs.keys, width)], dim=0)
+            mine.values = torch.cat([pad(mine.values, width), pad(theirs.values, width)], dim=0)
+
+        def pad_mask(m: torch.Tensor) -> torch.Tensor:
+            return torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1)
+
+        self.mask = torch.cat([pad_mask(self.mask), pad_mask(mask)], dim=0)
+
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        temps = torch.tensor([row.request.temperature for row in rows])
+        top_ps = torch.tensor([row.request.top_p for row in rows])
+        chosen = _pick(logits, temps, top_ps).tolist()
+        for i, row in enumerate(rows):
+            self._accept(row, int(chosen[i]), float(logprobs[i, chosen[i]]))
+
+    def _accept(self, row: _Row, token: int, logprob: float) -> None:
+        request = row.request
+        if token in self.engine.stop_ids and not request.ignore_eos:
+            row.finished, row.result.finish_reason = True, "stop"
+            return
+        row.generated.append(token)
+        row.logprob_sum += logprob
+        row.next_token = token
+        # Decoding the whole row each step is only needed to find stop sequences or to stream.
+        if request.stop or request.on_text is not None:
+            row.text = str(self.engine.tokenizer.decode(row.generated, skip_special_tokens=True))
+            cut = _find_stop(row.text, request.stop)
+            if cut is not None:
+                row.text = row.text[:cut]
+                row.finished, row.result.finish_reason = True, "stop"
+        if not row.finished and len(row.generated) >= request.max_new_tokens:
+            row.finished, row.result.finish_reason = True, "length"
+        if request.on_text is not None:
+            # Hold back what could be the start of a stop sequence or half a multi-byte
+            # character; the final flush sends the rest.
+            hold = max((len(s) for s in request.stop), default=1) - 1
+            safe = len(row.text) if row.finished else len(row.text) - hold
+            while safe > row.emitted and row.text[safe - 1] == "\ufffd":
+                safe -= 1
+            if safe > row.emitted:
+                request.on_text(row.text[row.emitted : safe])
+                row.emitted = safe
+
+    def _retire(self) -> None:
+        done = [row for row in self.rows if row.finished]
+        if not done:
+            return
+        keep = [i for i, row in enumerate(self.rows) if not row.finished]
+        for row in done:
+            self._finish(row)
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.past, self.mask = None, torch.zeros((0, 0), dtype=torch.long)
+            return
+        self.past.batch_select_indices(torch.tensor(keep))
+        self.mask = self.mask[keep]
+        trim = min(self.width - row.length for row in self.rows)
+        if trim > 0:
+            for layer in self.past.layers:
+                layer.keys = layer.keys[:, :, trim:, :]
+                layer.values = layer.values[:, :, trim:, :]
+            self.mask = self.mask[:, trim:]
+
+    def _finish(self, row: _Row) -> None:
+        result, request = row.result, row.request
+        if not (request.stop or request.on_text is not None):
+            row.text = str(self.engine.tokenizer.decode(row.generated, skip_special_tokens=True))
+        result.text = row.text
+        result.completion_tokens = len(row.generated)
+        result.mean_logprob = row.logprob_sum / max(1, len(row.generated))
+        result.finish_reason = result.finish_reason or "length"
+        result.compute_ms = (time.perf_counter() - row.started) * 1000
+        if request.on_text is not None and len(row.text) > row.emitted:
+            request.on_text(row.text[row.emitted :])
+        row.on_done(result)
+
+
+class Scheduler:
+    """Continuous batching around one engine: a thread owns the model and runs a
+    :class:`DecodeBatch`; requests join it between decode steps (up to ``max_batch`` rows) and
+    leave as soon as they finish. Score-mode requests and control operations run between steps.
+    Triton's python model submits here and returns at once (decoupled responses)."""
+
+    def __init__(self, engine: LLMEngine, max_batch: int):
+        self.engine = engine
+        self.max_batch = max(1, max_batch)
+        self.jobs: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
+        self.backlog: deque[tuple[LLMRequest, Callable[[LLMResult], None]]] = deque()
+        self.batch = DecodeBatch(engine)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="llm-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: LLMRequest, on_done: Callable[[LLMResult], None]) -> None:
+        self.jobs.put(("llm", request, on_done))
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Runs ``fn`` on the model's thread between steps (adapter load/unload)."""
+        future: Future[Any] = Future()
+        self.jobs.put(("call", fn, future))
+        return future
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.jobs.put(("stop", None, None))
+        self.thread.join(30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception as exc:  # fail the requests in flight, keep serving
+                log.exception("scheduler step failed")
+                for row in self.batch.rows:
+                    row.result.error = f"{type(exc).__name__}: {exc}"
+                    row.on_done(row.result)
+                self.batch = DecodeBatch(self.engine)
+
+    def _tick(self) -> None:
+        idle = not self.batch.rows and not self.backlog
+        scores: list[tuple[LLMRequest, Callable[[LLMResult], None]]] = []
+        try:
+            job = self.jobs.get(timeout=0.5) if idle else self.jobs.get_nowait()
+            while True:
+                kind, payload, extra = job
+                if kind == "stop":
+                    return
+                if kind == "call":
+                    try:
+                        extra.set_result(payload())
+                    except Exception as exc:
+                        extra.set_exception(exc)
+                elif payload.candidates:
+                    scores.append((payload, extra))
+                else:
+                    self.backlog.append((payload, extra))
+                job = self.jobs.get_nowait()
+        except queue.Empty:
+            pass
+        with torch.inference_mode():
+            if scores:
+                self._score(scores)
+            admitted: list[tuple[LLMRequest, list[int], LLMResult]] = []
+            callbacks: list[Callable[[LLMResult], None]] = []
+            in_use = {row.request.adapter for row in self.batch.rows}
+            while self.backlog and len(self.batch.rows) + len(admitted) < self.max_batch:
+                request, on_done = self.backlog.popleft()
+                result = LLMResult(adapter=request.adapter)
+                try:
+                    ids = self.engine.prepare(request, frozenset(in_use))
+                except EngineError as exc:
+                    result.error, result.finish_reason = str(exc), "error"
+                    on_done(result)
+                    continue
+                in_use.add(request.adapter)
+                result.prompt_tokens = len(ids)
+                admitted.append((request, ids, result))
+                callbacks.append(on_done)
+            if admitted:
+                self.batch.admit(admitted, callbacks)
+            else:
+                self.batch.step()
+
+    def _score(self, jobs: list[tuple[LLMRequest, Callable[[LLMResult], None]]]) -> None:
+        in_use = frozenset(row.request.adapter for row in self.batch.rows)
+        ready: list[tuple[LLMRequest, list[int], LLMResult, Callable[[LLMResult], None]]] = []
+        for request, on_done in jobs:
+            result = LLMResult(adapter=request.adapter)
+            try:
+                ids = self.engine.prepare(request, in_use)
+            except EngineError as exc:
+                result.error, result.finish_reason = str(exc), "error"
+                on_done(result)
+                continue
+            result.prompt_tokens = len(ids)
+            ready.append((request, ids, result, on_done))
+        for start in range(0, len(ready), self.max_batch):
+            part = ready[start : start + self.max_batch]
+            self.engine._score([p[0] for p in part], [p[1] for p in part], [p[2] for p in part])
+            for _, _, result, on_done in part:
+                on_done(result)
 
 
 def _pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,8 @@ class LLMResult:
     mean_logprob: float = 0.0
     candidate_logprobs: list[float] = field(default_factory=list)
     compute_ms: float = 0.0
+    # Most requests that ran in one forward pass together with this one (itself included).
+    batch_size: int = 1
     error: str = ""
 
 

@@ -63,10 +63,7 @@ def build_prompt(
         blocks.append(header + body)
         used.append(passage)
         budget -= len(header) + len(body)
-    if candidates:
-        ask = f"Answer with one of: {', '.join(candidates)}."
-    else:
-        ask = INSTRUCTIONS[template]
+    ask = f"Answer with one of: {', '.join(candidates)}." if candidates else INSTRUCTIONS[template]
     if not used:
         return Prompt(SYSTEM_NO_CONTEXT, f"Question: {question}\n{ask}", [])
     context = "\n\n".join(blocks)

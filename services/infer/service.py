@@ -133,7 +133,9 @@ class Answerer:
         if not request.question.strip():
             raise AskError(bad, "question is empty")
         if len(request.question) > 4000:
-            raise AskError(bad, f"question has {len(request.question)} characters; the limit is 4000")
+            raise AskError(
+                bad, f"question has {len(request.question)} characters; the limit is 4000"
+            )
         if request.k > MAX_K:
             raise AskError(bad, f"k={request.k} is above the limit of {MAX_K}")
         if request.max_tokens > s.llm_max_new_tokens:
@@ -180,7 +182,8 @@ class Answerer:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise AskError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "retrieval did not answer within the deadline"
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "retrieval did not answer within the deadline",
                 ) from exc
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise AskError(exc.code(), f"retrieval: {exc.details()}") from exc
@@ -197,8 +200,10 @@ class Answerer:
         on_text: Callable[[str], Awaitable[None]] | None = None,
     ) -> Answer:
         start = time.perf_counter()
-        budget = min(deadline_s or self.settings.infer_default_deadline_s,
-                     self.settings.infer_default_deadline_s)
+        budget = min(
+            deadline_s or self.settings.infer_default_deadline_s,
+            self.settings.infer_default_deadline_s,
+        )
 
         def remaining() -> float:
             left = budget - (time.perf_counter() - start) - 0.02
@@ -245,7 +250,9 @@ class Answerer:
             else:
                 MIRRORS.labels("skipped_busy").inc()
         if candidates:
-            probs = softmax(generation.candidate_logprobs) if generation.candidate_logprobs else [0.0]
+            probs = (
+                softmax(generation.candidate_logprobs) if generation.candidate_logprobs else [0.0]
+            )
             confidence = max(probs)
         else:
             confidence = math.exp(generation.mean_logprob) if generation.completion_tokens else 0.0
@@ -335,7 +342,9 @@ class Answerer:
         except TritonDeadline as exc:
             raise AskError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
         except TritonRejected as exc:
-            raise AskError(grpc.StatusCode.FAILED_PRECONDITION, f"the model refused: {exc}") from exc
+            raise AskError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"the model refused: {exc}"
+            ) from exc
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -456,7 +465,8 @@ class InferServicer(infer_pb2_grpc.InferServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rating must be -1, 0 or 1")
         if request.rating == 0 and not request.correction and not request.comment:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "feedback needs a rating, a correction or a comment"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "feedback needs a rating, a correction or a comment",
             )
         event = events_pb2.FeedbackEvent(
             header=new_header("infer", request.request_id),
@@ -583,8 +593,8 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
         return self._status(info, await self.registry.rollout(), await self._loaded())
 
     async def RegisterAdapter(self, request, context):  # type: ignore[no-untyped-def]
-        path = Path(request.path).expanduser()
-        if not request.path or not path.is_dir():
+        path = Path(request.path)
+        if not request.path or not await asyncio.to_thread(path.is_dir):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{request.path!r} is not a readable directory"
             )
@@ -616,7 +626,8 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
         if adapter_id in (r.live, r.candidate):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{adapter_id} is {' and '.join(_aliases(adapter_id, r))}; change the rollout first",
+                f"{adapter_id} is {' and '.join(_aliases(adapter_id, r))}; "
+                "change the rollout first",
             )
         try:
             reply = await self.llm.control("unload", adapter_id)

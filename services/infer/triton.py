@@ -131,7 +131,9 @@ class TritonLLM:
             raise _error(exc, self.url) from exc
         except grpc.aio.AioRpcError as exc:  # the stream API lets transport errors through raw
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise TritonDeadline(f"Triton did not answer within the deadline ({exc.details()})") from exc
+                raise TritonDeadline(
+                    f"Triton did not answer within the deadline ({exc.details()})"
+                ) from exc
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 raise TritonUnavailable(
                     f"Triton at {self.url} is unavailable: {exc.details()}"
@@ -176,7 +178,9 @@ class TritonLLM:
             latency_ms=(time.perf_counter() - start) * 1000,
         )
 
-    async def control(self, op: str, adapter_id: str = "", timeout_s: float = 120) -> dict[str, Any]:
+    async def control(
+        self, op: str, adapter_id: str = "", timeout_s: float = 120
+    ) -> dict[str, Any]:
         """Adapter control inside the model: load, unload or list."""
         inputs = [
             _bytes_input("prompt", ["-"]),

@@ -92,9 +92,7 @@ def indexed(stack, pubmedqa) -> list[tuple[str, dict]]:
 
 def quick(question: str = "Is exercise good for the heart?", **kw) -> infer_pb2.AskRequest:
     """A cheap request: no retrieval, score mode (one forward pass)."""
-    return infer_pb2.AskRequest(
-        question=question, no_retrieval=True, candidates=YES_NO_MAYBE, **kw
-    )
+    return infer_pb2.AskRequest(question=question, no_retrieval=True, candidates=YES_NO_MAYBE, **kw)
 
 
 def read_events(settings, topic: str, cls, match, timeout_s: float = 30):
@@ -154,9 +152,7 @@ def test_answer_cites_the_ingested_abstract(stack, infer, indexed):
 
 def test_score_mode_and_cli_json(stack, indexed, capsys):
     pmid, item = indexed[0]
-    code = cli_main(
-        ["ask", item["QUESTION"], "-k", "2", "--candidates", *YES_NO_MAYBE, "--json"]
-    )
+    code = cli_main(["ask", item["QUESTION"], "-k", "2", "--candidates", *YES_NO_MAYBE, "--json"])
     assert code == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["answer"] in YES_NO_MAYBE
@@ -168,7 +164,9 @@ def test_score_mode_and_cli_json(stack, indexed, capsys):
 
 def test_stream_sends_the_answer_piece_by_piece(infer):
     request = infer_pb2.AskRequest(
-        question="Name three symptoms of the flu.", no_retrieval=True, max_tokens=24,
+        question="Name three symptoms of the flu.",
+        no_retrieval=True,
+        max_tokens=24,
         ignore_eos=True,
     )
     chunks = list(infer.AskStream(request, timeout=120))

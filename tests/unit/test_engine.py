@@ -84,7 +84,10 @@ def test_score_mode_equals_the_sum_of_token_logprobs(engine, tiny_model):
             logprobs = torch.log_softmax(engine.base(ids).logits[0].float(), dim=-1)
         expected = sum(float(logprobs[len(prompt) - 1 + j, t]) for j, t in enumerate(tokens))
         assert score == pytest.approx(expected, abs=1e-3)
-    assert result.text == request.candidates[result.candidate_logprobs.index(max(result.candidate_logprobs))]
+    assert (
+        result.text
+        == request.candidates[result.candidate_logprobs.index(max(result.candidate_logprobs))]
+    )
 
 
 def test_streamed_pieces_add_up_to_the_answer_and_stop_sequences_cut(engine):
@@ -93,7 +96,11 @@ def test_streamed_pieces_add_up_to_the_answer_and_stop_sequences_cut(engine):
     assert free.text
     stop = free.text.strip()[2:4] or free.text[:1]
     streamed = engine.run(
-        [LLMRequest("tell me", max_new_tokens=12, ignore_eos=True, stop=[stop], on_text=pieces.append)]
+        [
+            LLMRequest(
+                "tell me", max_new_tokens=12, ignore_eos=True, stop=[stop], on_text=pieces.append
+            )
+        ]
     )[0]
     assert "".join(pieces) == streamed.text
     assert stop not in streamed.text and streamed.finish_reason == "stop"
@@ -127,3 +134,56 @@ def test_adapters_load_lazily_and_the_least_recently_used_is_evicted(engine, sto
     assert engine.unload_adapter(b) and engine.loaded_adapters() == [c]
     again = engine.run([LLMRequest("x", adapter=a, max_new_tokens=1)])[0]
     assert not again.error and engine.loaded_adapters() == [c, a]
+
+
+def test_scheduler_admits_requests_between_steps_and_matches_solo_runs(engine, store):
+    import threading
+
+    from services.infer.engine import Scheduler
+
+    a, b, _ = store[1]
+    requests = [
+        LLMRequest("first question", max_new_tokens=20, ignore_eos=True),
+        LLMRequest(
+            "second, longer question about the kidneys",
+            adapter=a,
+            max_new_tokens=6,
+            ignore_eos=True,
+        ),
+        LLMRequest("third", adapter=b, max_new_tokens=12, ignore_eos=True),
+        LLMRequest("fourth joins late", max_new_tokens=9, ignore_eos=True),
+        LLMRequest("fifth waits for a free slot", adapter=a, max_new_tokens=4, ignore_eos=True),
+        LLMRequest("score me", candidates=["yes", "no"], adapter=b),
+        LLMRequest("bad", adapter="feedfacefeedface", max_new_tokens=3),
+    ]
+    solo = [engine.run([r])[0] for r in requests]
+    scheduler = Scheduler(engine, max_batch=3)
+    results: dict[int, object] = {}
+    done = threading.Event()
+
+    def finish(i: int):
+        def callback(result) -> None:
+            results[i] = result
+            if len(results) == len(requests):
+                done.set()
+
+        return callback
+
+    try:
+        for i in range(3):
+            scheduler.submit(requests[i], finish(i))
+        while scheduler.batch.steps < 3:
+            threading.Event().wait(0.01)
+        loaded = scheduler.call(lambda: engine.loaded_adapters()).result(10)
+        assert set(loaded) >= {a, b}
+        for i in range(3, len(requests)):
+            scheduler.submit(requests[i], finish(i))
+        assert done.wait(60), f"only {sorted(results)} finished"
+    finally:
+        scheduler.stop()
+    for i, expected in enumerate(solo):
+        got = results[i]
+        assert got.error == expected.error, i
+        assert got.text == expected.text and got.completion_tokens == expected.completion_tokens, i
+        assert got.candidate_logprobs == pytest.approx(expected.candidate_logprobs, abs=1e-4)
+    assert scheduler.batch.rows == [] and scheduler.batch.width == 0

@@ -18,7 +18,9 @@ def passages(n: int, size: int = 100) -> list[Passage]:
 def test_prompt_numbers_passages_within_the_budget():
     prompt = build_prompt("Why?", passages(5, 300), max_context_chars=700)
     assert [p.doc_id for p in prompt.passages] == ["d0", "d1", "d2"]
-    assert "[1] Title 0" in prompt.user and "[3] Title 2" in prompt.user and "[4]" not in prompt.user
+    assert (
+        "[1] Title 0" in prompt.user and "[3] Title 2" in prompt.user and "[4]" not in prompt.user
+    )
     assert prompt.user.rstrip().endswith("cite the passages you used.")
     scored = build_prompt("Why?", passages(1), candidates=["yes", "no"])
     assert "Answer with one of: yes, no." in scored.user
@@ -35,7 +37,10 @@ def test_canary_is_sticky_per_caller_and_near_its_share():
     assert all(route(rollout, f"caller-{c}").adapter == served[c] for c in range(0, 2000, 7))
     share = sum(a == "bbbb" for a in served.values()) / len(served)
     assert 0.25 < share < 0.35
-    assert {route(rollout, "caller-1").route, route(rollout, "caller-2").route} <= {"live", "canary"}
+    assert {route(rollout, "caller-1").route, route(rollout, "caller-2").route} <= {
+        "live",
+        "canary",
+    }
 
 
 def test_shadow_mirrors_a_share_and_always_serves_live():

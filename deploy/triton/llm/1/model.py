@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's python backend
 
 from services.common.models import resolve_llm_dir
-from services.infer.engine import LLMEngine
+from services.infer.engine import LLMEngine, Scheduler
 from services.infer.llm import BASE, EngineError, LLMRequest, LLMResult
 from services.infer.settings import EngineSettings
 
@@ -37,7 +39,7 @@ def _strings(request, name):  # type: ignore[no-untyped-def]
     return [v.decode("utf-8") for v in tensor.as_numpy().reshape(-1) if v]
 
 
-def _response(result: LLMResult, text: str | None = None, batch: int = 1):  # type: ignore[no-untyped-def]
+def _response(result: LLMResult, text: str | None = None):  # type: ignore[no-untyped-def]
     def tensor(name, values, dtype):  # type: ignore[no-untyped-def]
         return pb_utils.Tensor(name, np.array([values], dtype=dtype))
 
@@ -54,7 +56,7 @@ def _response(result: LLMResult, text: str | None = None, batch: int = 1):  # ty
                 np.array([result.candidate_logprobs or [0.0]], dtype=np.float32),
             ),
             tensor("compute_ms", [result.compute_ms], np.float32),
-            tensor("batch_size", [batch], np.int32),
+            tensor("batch_size", [result.batch_size], np.int32),
         ]
     )
 
@@ -63,10 +65,35 @@ def _error(message: str):  # type: ignore[no-untyped-def]
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
 
+def _streamer(sender, adapter: str) -> Callable[[str], None]:  # type: ignore[no-untyped-def]
+    partial = LLMResult(adapter=adapter, finish_reason="")
+
+    def send(piece: str) -> None:
+        sender.send(_response(partial, piece))
+
+    return send
+
+
+def _finisher(sender) -> Callable[[LLMResult], None]:  # type: ignore[no-untyped-def]
+    def finish(result: LLMResult) -> None:
+        # A streamed request already got its text piece by piece; the final response carries
+        # the totals (and the whole text, for clients that want it in one piece).
+        sender.send(_error(result.error) if result.error else _response(result), flags=FINAL)
+
+    return finish
+
+
 class TritonPythonModel:
+    """Requests go to the engine's continuous-batching scheduler and execute() returns at once;
+    responses are sent from the scheduler thread (decoupled mode). Batching follows the model
+    configuration: with ``dynamic_batching`` up to max_batch_size requests share each forward
+    pass, without it they are served one at a time."""
+
     def initialize(self, args):  # type: ignore[no-untyped-def]
         settings = EngineSettings()
         logging.basicConfig(level=settings.log_level)
+        config = json.loads(args["model_config"])
+        batching = "dynamic_batching" in config
         self.engine = LLMEngine(
             resolve_llm_dir(settings.llm_model, settings.cache_dir),
             settings.adapter_dir,
@@ -75,15 +102,20 @@ class TritonPythonModel:
             max_new_tokens=settings.llm_max_new_tokens,
             threads=settings.llm_threads,
         )
+        max_batch = int(config.get("max_batch_size") or 1) if batching else 1
+        self.scheduler = Scheduler(self.engine, max_batch)
+        log.info(
+            "llm model ready: batching %s, up to %d requests per step",
+            "on" if batching else "off",
+            max_batch,
+        )
 
     def execute(self, requests):  # type: ignore[no-untyped-def]
-        work: list[LLMRequest] = []
-        senders = []
         for request in requests:
             sender = request.get_response_sender()
             control = _first(request, "control", "")
             if control:
-                sender.send(self._control(control), flags=FINAL)
+                self._submit_control(control, sender)
                 continue
             try:
                 llm_request = LLMRequest(
@@ -102,27 +134,16 @@ class TritonPythonModel:
                 sender.send(_error(f"bad request: {exc}"), flags=FINAL)
                 continue
             if _first(request, "stream", False):
-                partial = LLMResult(adapter=llm_request.adapter, finish_reason="")
-                llm_request.on_text = lambda piece, s=sender, p=partial: s.send(_response(p, piece))
-            work.append(llm_request)
-            senders.append(sender)
-        if not work:
-            return None
-        try:
-            results = self.engine.run(work)
-        except Exception as exc:  # a crash must still answer every request
-            log.exception("batch failed")
-            for sender in senders:
-                sender.send(_error(f"{type(exc).__name__}: {exc}"), flags=FINAL)
-            return None
-        for sender, llm_request, result in zip(senders, work, results, strict=True):
-            if result.error:
-                sender.send(_error(result.error), flags=FINAL)
-            else:
-                # A streamed request already got its text piece by piece; the final response
-                # carries the totals (and the full text, for clients that want it whole).
-                sender.send(_response(result, batch=len(work)), flags=FINAL)
+                llm_request.on_text = _streamer(sender, llm_request.adapter)
+            self.scheduler.submit(llm_request, _finisher(sender))
         return None
+
+    def _submit_control(self, control: str, sender) -> None:  # type: ignore[no-untyped-def]
+        def reply(future: Future) -> None:  # type: ignore[type-arg]
+            error = future.exception()
+            sender.send(future.result() if error is None else _error(str(error)), flags=FINAL)
+
+        self.scheduler.call(lambda: self._control(control)).add_done_callback(reply)
 
     def _control(self, raw: str):  # type: ignore[no-untyped-def]
         try:
@@ -130,9 +151,13 @@ class TritonPythonModel:
             op = command.get("op")
             adapter_id = str(command.get("adapter_id", ""))
             payload: dict = {}
+            # Runs on the scheduler thread between steps; adapters of running requests stay.
+            in_use = frozenset(row.request.adapter for row in self.scheduler.batch.rows)
             if op == "load":
-                payload["load_s"] = self.engine.load_adapter(adapter_id)
+                payload["load_s"] = self.engine.load_adapter(adapter_id, in_use)
             elif op == "unload":
+                if adapter_id in in_use:
+                    raise EngineError(f"adapter {adapter_id} is serving requests right now")
                 payload["unloaded"] = self.engine.unload_adapter(adapter_id)
             elif op != "list":
                 raise EngineError(f"unknown control op {op!r} (load, unload, list)")
@@ -142,4 +167,4 @@ class TritonPythonModel:
         return _response(LLMResult(text=json.dumps(payload), finish_reason="control"))
 
     def finalize(self):  # type: ignore[no-untyped-def]
-        self.engine = None
+        self.scheduler.stop()
