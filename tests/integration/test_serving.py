@@ -62,7 +62,9 @@ def adapters(stack, admin, tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def indexed(stack, pubmedqa) -> list[tuple[str, dict]]:
-    items = list(pubmedqa.items())[:3]
+    """Three PubMedQA items whose abstracts are indexed and found by their question (retrieval
+    quality is tested elsewhere; here the question is whether the answer cites them)."""
+    items = list(pubmedqa.items())[:12]
     ingest = ingest_pb2_grpc.IngestServiceStub(
         sync_channel(stack.settings.address(stack.settings.ingest_port))
     )
@@ -87,7 +89,13 @@ def indexed(stack, pubmedqa) -> list[tuple[str, dict]]:
         return True
 
     wait_for(searchable, 180, "the abstracts to be searchable")
-    return items
+    found = []
+    for pmid, item in items:
+        hits = retrieve.Search(retrieve_pb2.SearchRequest(query=item["QUESTION"], k=3), timeout=10)
+        if pmid in {h.doc_id for h in hits.hits}:
+            found.append((pmid, item))
+    assert len(found) >= 3, f"only {len(found)} of 12 questions retrieve their abstract"
+    return found[:3]
 
 
 def quick(question: str = "Is exercise good for the heart?", **kw) -> infer_pb2.AskRequest:
