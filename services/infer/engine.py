@@ -461,17 +461,48 @@ class DecodeBatch:
         row.on_done(result)
 
 
+class SchedulerStats:
+    """Time spent in decode steps and prefills, logged every ``every_s`` while busy."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s = every_s
+        self._reset()
+
+    def _reset(self) -> None:
+        self.since = time.monotonic()
+        self.totals: dict[str, list[float]] = {"step": [0, 0.0, 0], "prefill": [0, 0.0, 0]}
+
+    def record(self, kind: str, seconds: float, rows: int) -> None:
+        total = self.totals[kind]
+        total[0] += 1
+        total[1] += seconds
+        total[2] += rows
+        if time.monotonic() - self.since >= self.every_s:
+            parts = []
+            for name, (count, secs, n) in self.totals.items():
+                if count:
+                    parts.append(
+                        f"{name}s {int(count)} ({secs * 1000 / count:.0f} ms, {n / count:.1f} rows)"
+                    )
+            busy = sum(t[1] for t in self.totals.values()) / (time.monotonic() - self.since)
+            log.info("scheduler: %s; busy %.0f%%", ", ".join(parts), 100 * busy)
+            self._reset()
+
+
 class Scheduler:
     """Continuous batching around one engine: a thread owns the model and runs a
     :class:`DecodeBatch`; requests join it between decode steps (up to ``max_batch`` rows) and
     leave as soon as they finish. Score-mode requests and control operations run between steps.
     Triton's python model submits here and returns at once (decoupled responses)."""
 
-    def __init__(self, engine: LLMEngine, max_batch: int):
+    def __init__(self, engine: LLMEngine, max_batch: int, admit_window_s: float = 0.03):
         self.engine = engine
         self.max_batch = max(1, max_batch)
         self.jobs: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
-        self.backlog: deque[tuple[LLMRequest, Callable[[LLMResult], None]]] = deque()
+        # Generation requests waiting for a slot, with their arrival time.
+        self.backlog: deque[tuple[LLMRequest, Callable[[LLMResult], None], float]] = deque()
+        self.admit_window_s = admit_window_s
+        self.stats = SchedulerStats()
         self.batch = DecodeBatch(engine)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="llm-scheduler", daemon=True)
@@ -502,15 +533,19 @@ class Scheduler:
                     row.on_done(row.result)
                 self.batch = DecodeBatch(self.engine)
 
-    def _tick(self) -> None:
-        idle = not self.batch.rows and not self.backlog
+    def _collect(
+        self, timeout_s: float | None
+    ) -> list[tuple[LLMRequest, Callable[[LLMResult], None]]]:
+        """Takes every queued job (waiting up to ``timeout_s`` for the first one); runs control
+        calls, queues generation requests, returns score requests."""
         scores: list[tuple[LLMRequest, Callable[[LLMResult], None]]] = []
         try:
-            job = self.jobs.get(timeout=0.5) if idle else self.jobs.get_nowait()
+            job = self.jobs.get(timeout=timeout_s) if timeout_s else self.jobs.get_nowait()
             while True:
                 kind, payload, extra = job
                 if kind == "stop":
-                    return
+                    self._stop.set()
+                    break
                 if kind == "call":
                     try:
                         extra.set_result(payload())
@@ -519,18 +554,51 @@ class Scheduler:
                 elif payload.candidates:
                     scores.append((payload, extra))
                 else:
-                    self.backlog.append((payload, extra))
+                    self.backlog.append((payload, extra, time.monotonic()))
                 job = self.jobs.get_nowait()
         except queue.Empty:
             pass
+        return scores
+
+    def _admissible(self) -> bool:
+        """Whether to prefill the waiting requests now. A prefill pauses the running rows, so
+        arrivals are gathered for up to ``admit_window_s`` (or until they fill the free slots)
+        and prefilled together: one prefill of 8 prompts costs about half of 8 single ones."""
+        if not self.backlog:
+            return False
+        free = self.max_batch - len(self.batch.rows)
+        waited = time.monotonic() - self.backlog[0][2]
+        return free > 0 and (len(self.backlog) >= free or waited >= self.admit_window_s)
+
+    def _window_left(self) -> float:
+        return max(0.001, self.admit_window_s - (time.monotonic() - self.backlog[0][2]))
+
+    def _tick(self) -> None:
+        if self.batch.rows:
+            scores = self._collect(None)
+        else:
+            scores = self._collect(self._window_left() if self.backlog else 0.5)
+        while not self.batch.rows and self.backlog and not self._admissible() and not scores:
+            if self._stop.is_set():
+                return
+            scores += self._collect(self._window_left())
+        if self._stop.is_set():
+            return
         with torch.inference_mode():
             if scores:
                 self._score(scores)
+            if not self._admissible():
+                if self.batch.rows:
+                    start = time.perf_counter()
+                    rows = len(self.batch.rows)
+                    self.batch.step()
+                    self.stats.record("step", time.perf_counter() - start, rows)
+                return
             admitted: list[tuple[LLMRequest, list[int], LLMResult]] = []
             callbacks: list[Callable[[LLMResult], None]] = []
             in_use = {row.request.adapter for row in self.batch.rows}
             while self.backlog and len(self.batch.rows) + len(admitted) < self.max_batch:
-                request, on_done = self.backlog.popleft()
+                request, on_done, _ = self.backlog.popleft()
                 result = LLMResult(adapter=request.adapter)
                 try:
                     ids = self.engine.prepare(request, frozenset(in_use))
@@ -543,9 +611,9 @@ class Scheduler:
                 admitted.append((request, ids, result))
                 callbacks.append(on_done)
             if admitted:
+                start = time.perf_counter()
                 self.batch.admit(admitted, callbacks)
-            else:
-                self.batch.step()
+                self.stats.record("prefill", time.perf_counter() - start, len(admitted))
 
     def _score(self, jobs: list[tuple[LLMRequest, Callable[[LLMResult], None]]]) -> None:
         in_use = frozenset(row.request.adapter for row in self.batch.rows)
