@@ -285,6 +285,10 @@ class LLMEngine:
             result.compute_ms = elapsed_ms
 
 
+# Cancellation is polled (an IPC round trip inside Triton) every this many decode steps.
+CANCEL_CHECK_STEPS = 4
+
+
 @dataclass
 class _Row:
     request: LLMRequest
@@ -367,6 +371,11 @@ class DecodeBatch:
             row.result.batch_size = max(row.result.batch_size, len(self.rows))
         self.steps += 1
         self._choose(self.rows, out.logits[:, -1, :])
+        if self.steps % CANCEL_CHECK_STEPS == 0:
+            for row in self.rows:
+                if not row.finished and row.request.is_cancelled and row.request.is_cancelled():
+                    row.finished, row.result.finish_reason = True, "cancelled"
+                    row.result.error = "cancelled by the caller"
         self._retire()
 
     def _merge(self, past: Any, mask: torch.Tensor) -> None:

@@ -36,6 +36,8 @@ class LLMRequest:
     ignore_eos: bool = False
     # Streaming: called with each new piece of text as it is generated.
     on_text: Callable[[str], None] | None = None
+    # Polled every few decode steps: a request whose caller has gone stops generating.
+    is_cancelled: Callable[[], bool] | None = None
 
 
 @dataclass

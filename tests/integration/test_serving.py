@@ -89,6 +89,14 @@ def indexed(stack, pubmedqa) -> list[tuple[str, dict]]:
         return True
 
     wait_for(searchable, 180, "the abstracts to be searchable")
+    wait_for(
+        lambda: (
+            retrieve.GetIndexStats(retrieve_pb2.GetIndexStatsRequest(), timeout=10).bm25_lag_chunks
+            == 0
+        ),
+        60,
+        "BM25 to catch up (hybrid ranks must be final before choosing the questions)",
+    )
     found = []
     for pmid, item in items:
         hits = retrieve.Search(retrieve_pb2.SearchRequest(query=item["QUESTION"], k=3), timeout=10)
@@ -347,6 +355,30 @@ def test_triton_down_gives_unavailable_within_the_deadline(stack, infer):
         stack.start_triton()
         stack.wait_serving(["infer"], 120)
     assert infer.Ask(quick(), timeout=60).answer in YES_NO_MAYBE
+
+
+def test_retrieval_down_gives_unavailable_and_a_short_deadline_is_kept(stack, infer):
+    stack.stop("retrieve")
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            infer.Ask(infer_pb2.AskRequest(question="Is aspirin safe?"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "retrieve service unavailable" in err.value.details()
+        assert time.monotonic() - started < 10
+    finally:
+        stack.start_service("retrieve")
+        stack.wait_serving(["retrieve"], 180)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        infer.Ask(
+            infer_pb2.AskRequest(
+                question="Describe the heart.", no_retrieval=True, max_tokens=400, ignore_eos=True
+            ),
+            timeout=1.5,
+        )
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 3
 
 
 def test_adapter_files_are_content_addressed(stack, adapters):

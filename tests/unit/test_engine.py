@@ -187,3 +187,17 @@ def test_scheduler_admits_requests_between_steps_and_matches_solo_runs(engine, s
         assert got.text == expected.text and got.completion_tokens == expected.completion_tokens, i
         assert got.candidate_logprobs == pytest.approx(expected.candidate_logprobs, abs=1e-4)
     assert scheduler.batch.rows == [] and scheduler.batch.width == 0
+
+
+def test_a_cancelled_request_stops_generating(engine):
+    polls = []
+
+    def cancelled() -> bool:
+        polls.append(1)
+        return len(polls) >= 2
+
+    result = engine.run(
+        [LLMRequest("go on", max_new_tokens=30, ignore_eos=True, is_cancelled=cancelled)]
+    )[0]
+    assert result.finish_reason == "cancelled" and result.error
+    assert result.completion_tokens < 30

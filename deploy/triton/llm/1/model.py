@@ -69,7 +69,10 @@ def _streamer(sender, adapter: str) -> Callable[[str], None]:  # type: ignore[no
     partial = LLMResult(adapter=adapter, finish_reason="")
 
     def send(piece: str) -> None:
-        sender.send(_response(partial, piece))
+        try:
+            sender.send(_response(partial, piece))
+        except Exception as exc:  # cancelled stream; the scheduler notices at its next check
+            log.info("could not stream a piece: %s", exc)
 
     return send
 
@@ -78,7 +81,10 @@ def _finisher(sender) -> Callable[[LLMResult], None]:  # type: ignore[no-untyped
     def finish(result: LLMResult) -> None:
         # A streamed request already got its text piece by piece; the final response carries
         # the totals (and the whole text, for clients that want it in one piece).
-        sender.send(_error(result.error) if result.error else _response(result), flags=FINAL)
+        try:
+            sender.send(_error(result.error) if result.error else _response(result), flags=FINAL)
+        except Exception as exc:  # the caller went away (cancelled): nobody to answer
+            log.info("could not send a final response: %s", exc)
 
     return finish
 
@@ -135,6 +141,7 @@ class TritonPythonModel:
                 continue
             if _first(request, "stream", False):
                 llm_request.on_text = _streamer(sender, llm_request.adapter)
+            llm_request.is_cancelled = request.is_cancelled
             self.scheduler.submit(llm_request, _finisher(sender))
         return None
 
