@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_pubmedqa(args.data)
     bench = Bench(settings, [item["QUESTION"] for item in data.values()])
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    results: dict[str, Any] = {"device": "cpu (2 cores)", "model": settings.llm_model}
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "model": settings.llm_model}
     started = time.perf_counter()
     for section in sections:
         t = time.perf_counter()

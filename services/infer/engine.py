@@ -206,9 +206,9 @@ class LLMEngine:
         mask: torch.Tensor,
         positions: torch.Tensor,
         adapters: list[str],
-        past: Any = None,
-        keep: int = 1,
+        past: Any,
     ) -> Any:
+        """One decoding forward pass (next-token logits only), extending ``past``."""
         context, extra = self._adapter_context(adapters)
         with context:
             return self.net(
@@ -216,8 +216,8 @@ class LLMEngine:
                 attention_mask=mask,
                 position_ids=positions,
                 past_key_values=past,
-                use_cache=past is not None or keep == 1,
-                logits_to_keep=keep,
+                use_cache=True,
+                logits_to_keep=1,
                 **extra,
             )
 
