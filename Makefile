@@ -7,7 +7,7 @@ GEN := services/gen
 PROTOS := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup proto up down status test test-unit test-integration lint fmt typecheck bench clean
+.PHONY: help setup proto up down status test test-unit test-integration lint fmt typecheck bench bench-anchors clean
 
 help:
 	@echo "make setup   create $(VENV) and install everything (pinned)"
@@ -73,6 +73,19 @@ bench: setup
 	$(PY) -m bench.retrieval --data ../shared/data/pubmedqa/labeled.json --json
 	$(PY) -m bench.freshness --json
 	$(PY) -m bench.search --json
+	$(PY) -m bench.serving --json
+	$(PY) -m bench.drift --json
+
+# alibi-detect (the drift benchmark's comparison) pins transformers<5: its own venv, with torch
+# from the same local CPU wheel.
+ANCHORS := bench/.venv-anchors
+bench-anchors: $(ANCHORS)/.installed
+
+$(ANCHORS)/.installed:
+	test -x $(ANCHORS)/bin/python || $(PYTHON) -m venv $(ANCHORS)
+	$(ANCHORS)/bin/pip install -q "torch==2.13.0"
+	$(ANCHORS)/bin/pip install -q "alibi-detect[torch]==0.13.0" "numpy<2"
+	touch $@
 
 clean:
 	rm -rf $(GEN) .run .pytest_cache .mypy_cache .ruff_cache
