@@ -119,35 +119,40 @@ class LLMEngine:
         return nullcontext(), {"adapter_names": ["__base__" if a == BASE else a for a in adapters]}
 
     # -- requests ---------------------------------------------------------------------------
-    def prepare(self, request: LLMRequest, pinned: frozenset[str] = frozenset()) -> list[int]:
-        """Validates a request, loads its adapter if needed and returns its prompt token ids;
-        raises :class:`EngineError` with the reason otherwise."""
-        self._validate(request)
-        if request.adapter != BASE:
-            self.load_adapter(request.adapter, pinned)
-            self.loaded.move_to_end(request.adapter)
-        ids = self.encode_prompt(request)
-        if len(ids) > self.max_prompt_tokens:
-            raise EngineError(
-                f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}"
-            )
-        return ids
+    def prepare(
+        self, request: LLMRequest, pinned: frozenset[str] = frozenset()
+    ) -> tuple[list[int] | None, LLMResult]:
+        """Validates a request, loads its adapter if needed and tokenises its prompt. Returns
+        the prompt ids and the request's result, or None and a result carrying the error."""
+        result = LLMResult(adapter=request.adapter)
+        try:
+            self._validate(request)
+            if request.adapter != BASE:
+                self.load_adapter(request.adapter, pinned)
+                self.loaded.move_to_end(request.adapter)
+            ids = self.encode_prompt(request)
+            if len(ids) > self.max_prompt_tokens:
+                raise EngineError(
+                    f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}"
+                )
+        except EngineError as exc:
+            result.error, result.finish_reason = str(exc), "error"
+            return None, result
+        result.prompt_tokens = len(ids)
+        return ids, result
 
     def run(self, requests: list[LLMRequest]) -> list[LLMResult]:
         """Serves one batch to completion (tests, benchmarks, in-process use). A bad request
         gets a result with ``error`` set; its neighbours are served."""
-        results = [LLMResult(adapter=r.adapter) for r in requests]
+        results: list[LLMResult] = []
         batch = DecodeBatch(self)
         scores: list[tuple[LLMRequest, list[int], LLMResult]] = []
         admitted: list[tuple[LLMRequest, list[int], LLMResult]] = []
-        for request, result in zip(requests, results, strict=True):
-            try:
-                ids = self.prepare(request, frozenset(r.adapter for r, _, _ in admitted))
-            except EngineError as exc:
-                result.error, result.finish_reason = str(exc), "error"
-                continue
-            result.prompt_tokens = len(ids)
-            (scores if request.candidates else admitted).append((request, ids, result))
+        for request in requests:
+            ids, result = self.prepare(request, frozenset(r.adapter for r, _, _ in admitted))
+            results.append(result)
+            if ids is not None:
+                (scores if request.candidates else admitted).append((request, ids, result))
         with torch.inference_mode():
             if admitted:
                 batch.admit(admitted, lambda result: None)
@@ -608,15 +613,11 @@ class Scheduler:
             in_use = {row.request.adapter for row in self.batch.rows}
             while self.backlog and len(self.batch.rows) + len(admitted) < self.max_batch:
                 request, on_done, _ = self.backlog.popleft()
-                result = LLMResult(adapter=request.adapter)
-                try:
-                    ids = self.engine.prepare(request, frozenset(in_use))
-                except EngineError as exc:
-                    result.error, result.finish_reason = str(exc), "error"
+                ids, result = self.engine.prepare(request, frozenset(in_use))
+                if ids is None:
                     on_done(result)
                     continue
                 in_use.add(request.adapter)
-                result.prompt_tokens = len(ids)
                 admitted.append((request, ids, result))
                 callbacks.append(on_done)
             if admitted:
@@ -628,15 +629,11 @@ class Scheduler:
         in_use = frozenset(row.request.adapter for row in self.batch.rows)
         ready: list[tuple[LLMRequest, list[int], LLMResult, Callable[[LLMResult], None]]] = []
         for request, on_done in jobs:
-            result = LLMResult(adapter=request.adapter)
-            try:
-                ids = self.engine.prepare(request, in_use)
-            except EngineError as exc:
-                result.error, result.finish_reason = str(exc), "error"
+            ids, result = self.engine.prepare(request, in_use)
+            if ids is None:
                 on_done(result)
-                continue
-            result.prompt_tokens = len(ids)
-            ready.append((request, ids, result, on_done))
+            else:
+                ready.append((request, ids, result, on_done))
         for start in range(0, len(ready), self.max_batch):
             part = ready[start : start + self.max_batch]
             self.engine._score([p[0] for p in part], [p[1] for p in part], [p[2] for p in part])
