@@ -227,9 +227,9 @@ def random_adapters(settings: CommonSettings, n: int, seed0: int) -> list[Path]:
     ]
 
 
-def register(b: Bench, path: Path) -> str:
+def register(b: Bench, path: Path, load: bool = True) -> str:
     status = b.admin.RegisterAdapter(
-        infer_pb2.RegisterAdapterRequest(path=str(path), load=True, description="bench"),
+        infer_pb2.RegisterAdapterRequest(path=str(path), load=load, description="bench"),
         timeout=300,
     )
     return str(status.id)
@@ -292,7 +292,7 @@ def bench_swap(b: Bench, flips: int) -> dict[str, Any]:
         thread.join(120)
     # Why adapters load inside the model: the alternative (an adapter per Triton model version,
     # swapped with the repository API) reloads the model, base weights included.
-    fresh = register_unloaded(b, random_adapters(b.settings, 1, 201)[0])
+    fresh = register(b, random_adapters(b.settings, 1, 201)[0], load=False)
     load_start = time.perf_counter()
     in_model = b.admin.LoadAdapter(infer_pb2.LoadAdapterRequest(adapter=fresh), timeout=300)
     in_model_wall = time.perf_counter() - load_start
@@ -309,13 +309,6 @@ def bench_swap(b: Bench, flips: int) -> dict[str, Any]:
         "adapter_load_call_s": round(in_model_wall, 4),
         "triton_model_reload_s": round(model_reload, 3),
     }
-
-
-def register_unloaded(b: Bench, path: Path) -> str:
-    status = b.admin.RegisterAdapter(
-        infer_pb2.RegisterAdapterRequest(path=str(path), description="bench"), timeout=300
-    )
-    return str(status.id)
 
 
 def bench_adapter_cost(b: Bench, rounds: int) -> dict[str, Any]:

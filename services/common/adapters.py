@@ -234,9 +234,11 @@ class AdapterRegistry:
 
     async def list(self) -> list[AdapterInfo]:
         members: list[Any] = await self.redis.zrange(self.index_key, 0, -1)
-        ids = [text(i) for i in members]
-        infos = [await self.get(i) for i in ids]
-        return [i for i in infos if i is not None]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.hgetall(self._key(text(member)))
+            rows: list[Any] = await pipe.execute()
+        return [AdapterInfo.from_redis(row) for row in rows if row]
 
     async def rollout(self) -> Rollout:
         async with self.redis.pipeline(transaction=True) as pipe:

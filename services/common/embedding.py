@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from services.common.settings import CommonSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +36,20 @@ def cpu_has_bf16() -> bool:
 
 
 class Embedder:
+    @classmethod
+    def from_settings(cls, settings: CommonSettings, **overrides: Any) -> Embedder:
+        """The configured embedding model (KS_EMBED_MODEL, KS_EMBED_RUNTIME, KS_CACHE_DIR), as
+        every process that embeds builds it; ``overrides`` are further constructor arguments."""
+        from services.common.models import resolve_model_dir
+
+        return cls(
+            resolve_model_dir(settings.embed_model),
+            settings.embed_model,
+            runtime=settings.embed_runtime,
+            cache_dir=settings.cache_dir,
+            **overrides,
+        )
+
     def __init__(
         self,
         model_dir: str | Path,

@@ -11,7 +11,6 @@ import numpy as np
 from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
 from services.common.embedding import Embedder
 from services.common.grpcserver import service_app
-from services.common.models import resolve_model_dir
 from services.common.net import kafka_alive
 from services.embed.settings import EmbedSettings
 from services.embed.stream import StreamHealth, build_app
@@ -53,15 +52,12 @@ class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
 async def main() -> None:
     settings = EmbedSettings()
     app = service_app("embed", settings, settings.embed_port, settings.embed_metrics_port)
-    embedder = Embedder(
-        resolve_model_dir(settings.embed_model),
-        settings.embed_model,
-        settings.embed_max_tokens,
-        settings.embed_forward_batch,
-        settings.embed_bf16,
-        settings.embed_threads or None,
-        settings.embed_runtime,
-        settings.cache_dir,
+    embedder = Embedder.from_settings(
+        settings,
+        max_tokens=settings.embed_max_tokens,
+        batch_size=settings.embed_forward_batch,
+        bf16=settings.embed_bf16,
+        threads=settings.embed_threads or None,
     )
 
     async def embed(texts: list[str]) -> np.ndarray:

@@ -87,12 +87,5 @@ def windows(
 
 def embed_texts(texts: list[str], settings: MonitorSettings) -> np.ndarray:
     from services.common.embedding import Embedder
-    from services.common.models import resolve_model_dir
 
-    embedder = Embedder(
-        resolve_model_dir(settings.embed_model),
-        settings.embed_model,
-        runtime=settings.embed_runtime,
-        cache_dir=settings.cache_dir,
-    )
-    return np.asarray(embedder.embed(texts), dtype=np.float32)
+    return np.asarray(Embedder.from_settings(settings).embed(texts), dtype=np.float32)

@@ -26,7 +26,6 @@ from services.common.kafka import (
     parse_knowledge_event,
 )
 from services.common.metrics import EVENTS_CONSUMED
-from services.common.models import resolve_model_dir
 from services.common.net import kafka_alive
 from services.retrieve.dense import Filters, make_backend
 from services.retrieve.index import FusionConfig, Hit, HybridIndex
@@ -384,13 +383,7 @@ async def main() -> None:
     local = settings.retrieve_query_embedder == "local"
     embedder = None
     if local:
-        embedder = Embedder(
-            resolve_model_dir(settings.embed_model),
-            settings.embed_model,
-            runtime=settings.embed_runtime,
-            cache_dir=settings.cache_dir,
-            threads=settings.retrieve_query_threads,
-        )
+        embedder = Embedder.from_settings(settings, threads=settings.retrieve_query_threads)
         encode = local_encoder(embedder)
     else:
         encode = remote_encoder(embed_stub, settings.rpc_timeout_s)
