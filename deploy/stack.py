@@ -123,6 +123,7 @@ class Stack:
             "retrieve",
             "ingest",
             "infer",
+            "monitor",
         ]
 
     def service_port(self, name: str) -> int:

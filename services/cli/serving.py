@@ -14,6 +14,7 @@ import grpc
 
 from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2
+from services.cli.rpc import rpc_failed
 from services.common.clients import sync_channel
 from services.common.settings import CommonSettings
 
@@ -26,11 +27,6 @@ def _admin(settings: CommonSettings) -> infer_pb2_grpc.AdapterAdminServiceStub:
     return infer_pb2_grpc.AdapterAdminServiceStub(
         sync_channel(settings.address(settings.infer_port))
     )
-
-
-def _failed(what: str, exc: grpc.RpcError) -> int:
-    print(f"{what} failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
-    return 1
 
 
 def ask_request(args: argparse.Namespace) -> infer_pb2.AskRequest:
@@ -88,7 +84,7 @@ def cmd_ask(args: argparse.Namespace, settings: CommonSettings) -> int:
             if not args.json:
                 print(reply.answer)
     except grpc.RpcError as exc:
-        return _failed("ask", exc)
+        return rpc_failed("ask", exc)
     if args.json:
         print(json.dumps(answer_json(reply)))
         return 0
@@ -117,7 +113,7 @@ def cmd_feedback(args: argparse.Namespace, settings: CommonSettings) -> int:
             timeout=args.timeout,
         )
     except grpc.RpcError as exc:
-        return _failed("feedback", exc)
+        return rpc_failed("feedback", exc)
     print(reply.event_id)
     return 0
 
@@ -243,7 +239,7 @@ def cmd_adapters(args: argparse.Namespace, settings: CommonSettings) -> int:
                 args.json,
             )
     except grpc.RpcError as exc:
-        return _failed(f"adapters {args.action}", exc)
+        return rpc_failed(f"adapters {args.action}", exc)
     return 0
 
 

@@ -128,8 +128,19 @@ def serving_topics(settings: CommonSettings) -> dict[str, int]:
     )
 
 
+def drift_topics(settings: CommonSettings) -> dict[str, int]:
+    """Topics of the monitor's output. Retrain requests can also come from people and tools, so
+    their consumer (the trainer) dead-letters what it cannot read."""
+    return {
+        settings.topic_drift_windows: 1,
+        settings.topic_retrain: 1,
+        settings.dlq(settings.topic_retrain): 1,
+        settings.topic_knowledge_gaps: 1,
+    }
+
+
 def all_topics(settings: CommonSettings) -> dict[str, int]:
-    return knowledge_topics(settings) | serving_topics(settings)
+    return knowledge_topics(settings) | serving_topics(settings) | drift_topics(settings)
 
 
 async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 30) -> list[str]:

@@ -7,3 +7,9 @@ def active_version_key(prefix: str, doc_id: str) -> str:
     """The content hash of a document's searchable version; written by retrieve's chunk store,
     read by ingest's dedup."""
     return f"{prefix}:active:{doc_id}"
+
+
+def adapter_questions_key(prefix: str, adapter_id: str) -> str:
+    """Training questions of an adapter (a list); written by the trainer, read by the monitor
+    when the reference is "the live adapter's training data"."""
+    return f"{prefix}:adapter:{adapter_id}:questions"

@@ -28,6 +28,7 @@ class CommonSettings(BaseSettings):
     embed_port: int = 50052
     retrieve_port: int = 50053
     infer_port: int = 50054
+    monitor_port: int = 50055
     # Triton's own endpoints (started by the stack; the infer service talks gRPC to it).
     triton_grpc_port: int = 8001
     triton_http_port: int = 8000
@@ -43,6 +44,10 @@ class CommonSettings(BaseSettings):
     topic_shadow: str = "ks.inference.shadow"
     topic_feedback: str = "ks.feedback"
     topic_adapters: str = "ks.adapters"
+    # Drift monitor: per-window statistics, and its decisions (retrain requests feed the trainer).
+    topic_drift_windows: str = "ks.drift.windows"
+    topic_retrain: str = "ks.retrain"
+    topic_knowledge_gaps: str = "ks.knowledge.gaps"
     # Every topic that can receive bad data has "<topic><suffix>" as its dead-letter topic.
     dlq_suffix: str = ".dlq"
     topic_partitions: int = Field(4, ge=1, le=256)

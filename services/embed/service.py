@@ -12,8 +12,9 @@ from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
 from services.common.embedding import Embedder
 from services.common.grpcserver import service_app
 from services.common.net import kafka_alive
+from services.common.streams import StreamHealth, attach
 from services.embed.settings import EmbedSettings
-from services.embed.stream import StreamHealth, build_app
+from services.embed.stream import build_app
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +70,6 @@ async def main() -> None:
     app.add_service(embed_pb2.DESCRIPTOR.services_by_name["EmbedService"].full_name)
     stream_health = StreamHealth()
     stream_app = build_app(settings, embed, settings.embed_model, stream_health)
-    started = asyncio.Event()
-
-    async def start() -> None:
-        async def run_stream() -> None:
-            await stream_app.start()
-            started.set()
-            # faust supervises its own agents; this task only notices when it has crashed.
-            while not stream_app.should_stop:
-                await asyncio.sleep(1)
-            raise RuntimeError("faust app stopped")
-
-        app.spawn(run_stream(), "chunk-stream")
-
-    async def stop() -> None:
-        # faust commits the offsets of processed events and flushes its producer on stop.
-        await stream_app.stop()
-
-    async def stream_ready() -> bool:
-        return started.is_set() and stream_health.healthy()
-
-    app.on_start(start)
-    app.on_stop(stop)
+    attach(app, stream_app, stream_health, "chunk-stream")
     app.add_check("kafka", lambda: kafka_alive(settings.kafka_bootstrap))
-    app.add_check("chunk-stream", stream_ready)
     await app.serve()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,7 +18,8 @@ import numpy as np
 
 from knowstream.events.v1 import events_pb2
 from services.common.kafka import BadEvent, new_header, parse_knowledge_event
-from services.common.metrics import DEAD_LETTERS, EVENTS_CONSUMED, EVENTS_PRODUCED
+from services.common.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED
+from services.common.streams import StreamHealth, dead_letter, make_faust_app
 from services.embed.settings import EmbedSettings
 
 log = logging.getLogger(__name__)
@@ -67,40 +67,11 @@ async def process_batch(
     return [(k, e.SerializeToString()) for _, k, e in outputs], rejects
 
 
-class StreamHealth:
-    """faust restarts a crashed agent after a pause; until it runs again, health says so."""
-
-    def __init__(self) -> None:
-        self.crashed_at: float | None = None
-        self.last_error = ""
-
-    def healthy(self, window_s: float = 15.0) -> bool:
-        return self.crashed_at is None or time.monotonic() - self.crashed_at > window_s
-
-
 def build_app(
     settings: EmbedSettings, embed: EmbedFn, model: str, health: StreamHealth | None = None
 ) -> faust.App:
     health = health or StreamHealth()
-    app = faust.App(
-        settings.embed_group,
-        broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",")],
-        value_serializer="raw",
-        key_serializer="raw",
-        web_enabled=False,
-        store="memory://",
-        # The embedded broker has no transactions or idempotent producers: at-least-once.
-        processing_guarantee="at_least_once",
-        producer_acks=-1,
-        broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
-        broker_heartbeat_interval=settings.kafka_heartbeat_interval_ms / 1000,
-        consumer_auto_offset_reset="earliest",
-        topic_disable_leader=True,
-        topic_allow_declare=False,
-        topic_partitions=settings.topic_partitions,
-        producer_max_request_size=16 * 1024 * 1024,
-        consumer_max_fetch_size=16 * 1024 * 1024,
-    )
+    app = make_faust_app(settings, settings.embed_group)
     chunks = app.topic(settings.topic_chunks, key_type=bytes, value_type=bytes)
     embedded = app.topic(settings.topic_embedded, key_type=bytes, value_type=bytes)
     dlq = app.topic(settings.dlq(settings.topic_chunks), key_type=bytes, value_type=bytes)
@@ -110,8 +81,7 @@ def build_app(
         try:
             await _consume(stream)
         except Exception as exc:
-            health.crashed_at = time.monotonic()
-            health.last_error = repr(exc)
+            health.crashed(exc)
             raise
 
     async def _consume(stream: Any) -> None:
@@ -124,33 +94,7 @@ def build_app(
             )
             futures = [await embedded.send(key=k, value=v) for k, v in outputs]
             for i, reason in rejects:
-                message = batch[i].message
-                letter = events_pb2.DeadLetter(
-                    header=new_header("embed"),
-                    source_topic=message.topic,
-                    source_partition=message.partition,
-                    source_offset=message.offset,
-                    key=message.key or b"",
-                    value=message.value or b"",
-                    reason=reason,
-                    consumer="embed",
-                )
-                futures.append(
-                    await dlq.send(
-                        key=message.key,
-                        value=letter.SerializeToString(),
-                        headers={"reason": reason.encode()[:1000]},
-                    )
-                )
-                DEAD_LETTERS.labels("embed", message.topic).inc()
-                log.warning(
-                    "dead-lettered chunk record",
-                    extra={
-                        "partition": message.partition,
-                        "offset": message.offset,
-                        "reason": reason,
-                    },
-                )
+                futures.append(await dead_letter(dlq, batch[i].message, reason, "embed"))
             # Wait for the broker's acks before faust may commit the inputs' offsets.
             await asyncio.gather(*futures)
             EVENTS_PRODUCED.labels("embed", settings.topic_embedded).inc(len(outputs))

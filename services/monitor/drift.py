@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,15 +161,43 @@ class Reference:
             alpha=alpha,
         )
         ref.term_hist = smoothed(ref.term_counts(texts), alpha)
-        ref.kxx = torch.exp(-d2 / (2 * sigma2))
-        ref.kxx_sum = float(ref.kxx.sum() - n)  # the diagonal is all ones
+        ref._set_kernel(d2)
         return ref
 
-    def topic_counts(self, embeddings: np.ndarray) -> np.ndarray:
+    def _set_kernel(self, d2: torch.Tensor | None = None) -> None:
+        if d2 is None:
+            t = torch.from_numpy(self.embeddings)
+            d2 = torch.cdist(t, t).pow(2)
+        self.kxx = torch.exp(-d2 / (2 * self.sigma2))
+        self.kxx_sum = float(self.kxx.sum() - len(self.embeddings))  # the diagonal is all ones
+
+    def to_arrays(self) -> dict[str, Any]:
+        """Everything but the kernel (cheap to recompute), for storage."""
+        return {
+            "embeddings": self.embeddings,
+            "texts": self.texts,
+            "sigma2": self.sigma2,
+            "centroids": self.centroids,
+            "topic_hist": self.topic_hist,
+            "vocabulary": self.vocabulary,
+            "term_hist": self.term_hist,
+            "alpha": self.alpha,
+        }
+
+    @classmethod
+    def from_arrays(cls, data: dict[str, Any]) -> Reference:
+        ref = cls(**data)
+        ref._set_kernel()
+        return ref
+
+    def assign_topics(self, embeddings: np.ndarray) -> np.ndarray:
         d = torch.cdist(
             torch.from_numpy(np.asarray(embeddings, np.float32)), torch.from_numpy(self.centroids)
         )
-        return np.bincount(d.argmin(dim=1).numpy(), minlength=len(self.centroids))
+        return d.argmin(dim=1).numpy()
+
+    def topic_counts(self, embeddings: np.ndarray) -> np.ndarray:
+        return np.bincount(self.assign_topics(embeddings), minlength=len(self.centroids))
 
     def term_counts(self, texts: list[str]) -> np.ndarray:
         counts = np.zeros(len(self.vocabulary) + 1, dtype=np.int64)
@@ -187,6 +216,8 @@ class WindowStats:
     kl_terms: float
     # Topics whose share grew the most in the window, with (window share, reference share).
     drifted_topics: list[tuple[int, float, float]]
+    # The most frequent terms of the window's questions in each of those topics.
+    topic_terms: dict[int, list[str]] = field(default_factory=dict)
 
 
 def mmd2_permutation_test(
@@ -235,16 +266,27 @@ def window_stats(
     generator: torch.Generator | None = None,
 ) -> WindowStats:
     mmd2, p_value = mmd2_permutation_test(ref, embeddings, permutations, generator)
-    topic_window = smoothed(ref.topic_counts(embeddings), ref.alpha)
+    labels = ref.assign_topics(embeddings)
+    topic_window = smoothed(np.bincount(labels, minlength=len(ref.centroids)), ref.alpha)
     term_window = smoothed(ref.term_counts(texts), ref.alpha)
     growth = topic_window - ref.topic_hist
-    top = np.argsort(-growth)[:3]
+    top = [int(i) for i in np.argsort(-growth)[:3] if growth[i] > 0]
     return WindowStats(
         mmd2=mmd2,
         p_value=p_value,
         kl_topics=kl_divergence(topic_window, ref.topic_hist),
         kl_terms=kl_divergence(term_window, ref.term_hist),
-        drifted_topics=[
-            (int(i), float(topic_window[i]), float(ref.topic_hist[i])) for i in top if growth[i] > 0
-        ],
+        drifted_topics=[(i, float(topic_window[i]), float(ref.topic_hist[i])) for i in top],
+        topic_terms={
+            i: [
+                t
+                for t, _ in Counter(
+                    term
+                    for text, label in zip(texts, labels, strict=True)
+                    if label == i
+                    for term in terms(text)
+                ).most_common(5)
+            ]
+            for i in top
+        },
     )

@@ -84,7 +84,11 @@ class DriftPolicy:
         kind: Literal["retrain", "knowledge_gap"] = (
             "knowledge_gap" if scores and poor >= self.config.gap_share else "retrain"
         )
-        examples = [q for w in triggering for q in w.questions][:10]
+        pairs = [(q, x) for w in triggering for q, x in zip(w.questions, w.top_scores, strict=True)]
+        if kind == "knowledge_gap":
+            # The questions the knowledge base could not answer are the useful examples.
+            pairs = [(q, x) for q, x in pairs if x is not None and x < self.config.gap_score]
+        examples = list(dict.fromkeys(q for q, _ in pairs))[:10]
         decision = Decision(
             kind=kind,
             idempotency_key=f"{self.reference_id}:{kind}:{triggering[0].index}",

@@ -1,7 +1,7 @@
 """Offline replay: the monitor's window statistics over a JSONL stream against a JSONL
 reference (each line ``{"text": ...}``), embedded with the configured model.
 
-The live monitor (next step of issue 4) slides the same windows with the same code."""
+The live monitor computes its windows with the same function (windowing.compute_window)."""
 
 from __future__ import annotations
 
@@ -12,30 +12,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from services.monitor.drift import Reference, WindowStats, window_stats
+from knowstream.events.v1 import events_pb2
+from services.monitor.drift import Reference
 from services.monitor.settings import MonitorSettings
+from services.monitor.windowing import compute_window
 
 
 @dataclass
 class Window:
-    index: int
     start: int
     end: int  # exclusive
-    stats: WindowStats
-    drift: bool
+    record: events_pb2.DriftWindow
 
     def as_json(self) -> dict[str, Any]:
+        w = self.record
         return {
-            "window": self.index,
+            "window": w.index,
             "start": self.start,
             "end": self.end,
-            "mmd2": round(self.stats.mmd2, 6),
-            "p_value": round(self.stats.p_value, 4),
-            "kl_topics": round(self.stats.kl_topics, 4),
-            "kl_terms": round(self.stats.kl_terms, 4),
-            "drift": self.drift,
+            "mmd2": round(w.mmd2, 6),
+            "p_value": round(w.p_value, 4),
+            "kl_topics": round(w.kl_topics, 4),
+            "kl_terms": round(w.kl_terms, 4),
+            "drift": w.drift,
         }
 
 
@@ -56,14 +56,6 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-def is_drift(stats: WindowStats, settings: MonitorSettings) -> bool:
-    if stats.p_value < settings.monitor_p_value:
-        return True
-    if settings.monitor_kl_threshold and stats.kl_topics > settings.monitor_kl_threshold:
-        return True
-    return bool(settings.monitor_mmd_threshold and stats.mmd2 > settings.monitor_mmd_threshold)
-
-
 def windows(
     reference: Reference,
     embeddings: np.ndarray,
@@ -72,17 +64,22 @@ def windows(
     size: int,
     step: int,
 ) -> Iterator[Window]:
-    generator = torch.Generator().manual_seed(settings.monitor_seed)
+    """The live monitor's window computation over a stream held in memory."""
     for index, start in enumerate(range(0, len(texts) - size + 1, step)):
         end = start + size
-        stats = window_stats(
+        record, _ = compute_window(
             reference,
-            embeddings[start:end],
+            "replay",
+            index,
             texts[start:end],
-            settings.monitor_permutations,
-            generator,
+            embeddings[start:end],
+            [None] * size,
+            [None] * size,
+            list(range(start, end)),
+            {},
+            settings,
         )
-        yield Window(index, start, end, stats, is_drift(stats, settings))
+        yield Window(start, end, record)
 
 
 def embed_texts(texts: list[str], settings: MonitorSettings) -> np.ndarray:

@@ -1,0 +1,5 @@
+import asyncio
+
+from services.monitor.service import main
+
+asyncio.run(main())

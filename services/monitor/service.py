@@ -1,0 +1,286 @@
+"""Monitor service: a faust app consuming inference, shadow-pair and feedback events into the
+drift monitor, and the gRPC MonitorService (status, reference, events) in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import faust
+import grpc
+import numpy as np
+
+from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
+from knowstream.events.v1 import events_pb2
+from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from services.common.adapters import AdapterRegistry, UnknownAdapter
+from services.common.clients import channel
+from services.common.grpcserver import service_app
+from services.common.kafka import BadEvent, make_producer
+from services.common.keys import adapter_questions_key
+from services.common.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED
+from services.common.net import kafka_alive
+from services.common.redisutil import connect, ping, text
+from services.common.streams import StreamHealth, attach, dead_letter, make_faust_app
+from services.monitor.monitor import Monitor
+from services.monitor.settings import MonitorSettings
+from services.monitor.store import LogEntry, MonitorStore
+
+log = logging.getLogger(__name__)
+
+# Texts per Embed call when a reference is given as texts (the embed service's limit is 256).
+EMBED_BATCH = 128
+MAX_REFERENCE_TEXTS = 20_000
+
+
+def build_stream(settings: MonitorSettings, monitor: Monitor, health: StreamHealth) -> faust.App:
+    app = make_faust_app(settings, settings.monitor_group)
+
+    def topic(name: str) -> Any:
+        return app.topic(name, key_type=bytes, value_type=bytes)
+
+    async def consume(stream: Any, name: str, accept: Any, then: Any = None) -> None:
+        dlq = topic(settings.dlq(name))
+        try:
+            async for batch in stream.take_events(
+                settings.monitor_stream_batch, within=settings.monitor_stream_wait_s
+            ):
+                EVENTS_CONSUMED.labels("monitor", name).inc(len(batch))
+                futures = []
+                for event in batch:
+                    try:
+                        await accept(event.message.value)
+                    except BadEvent as exc:
+                        futures.append(await dead_letter(dlq, event.message, str(exc), "monitor"))
+                        await monitor.store.count_dead_letter()
+                await asyncio.gather(*futures)
+                if then is not None:
+                    await then()
+        except Exception as exc:
+            health.crashed(exc)
+            raise
+
+    @app.agent(topic(settings.topic_inference), concurrency=1)
+    async def inference(stream: Any) -> None:
+        await consume(stream, settings.topic_inference, monitor.accept_inference, monitor.advance)
+
+    @app.agent(topic(settings.topic_shadow), concurrency=1)
+    async def shadow_pairs(stream: Any) -> None:
+        await consume(stream, settings.topic_shadow, monitor.accept_shadow)
+
+    @app.agent(topic(settings.topic_feedback), concurrency=1)
+    async def feedback(stream: Any) -> None:
+        await consume(stream, settings.topic_feedback, monitor.accept_feedback)
+
+    return app
+
+
+def reference_info(info: dict[str, Any]) -> monitor_pb2.ReferenceInfo:
+    return monitor_pb2.ReferenceInfo(
+        id=info["id"],
+        source=info["source"],
+        description=info.get("description", ""),
+        size=info["size"],
+        dimension=info["dimension"],
+        embedding_model=info["embedding_model"],
+        created_ms=info["created_ms"],
+        sigma2=info["sigma2"],
+        topics=info["topics"],
+    )
+
+
+class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
+    def __init__(
+        self,
+        settings: MonitorSettings,
+        monitor: Monitor,
+        registry: AdapterRegistry,
+        embed: embed_pb2_grpc.EmbedServiceStub,
+    ):
+        self.settings = settings
+        self.monitor = monitor
+        self.registry = registry
+        self.embed = embed
+
+    async def GetDriftStatus(self, request, context):  # type: ignore[no-untyped-def]
+        s = self.settings
+        state = await self.monitor.store.state()
+        count = min(request.windows or 20, s.monitor_history)
+        windows = []
+        for raw in await self.monitor.store.windows(count):
+            w = events_pb2.DriftWindow()
+            w.ParseFromString(raw)
+            windows.append(w)
+        policy = state.policy
+        status = monitor_pb2.DriftStatus(
+            settings=monitor_pb2.PolicySettings(
+                window=s.monitor_window,
+                step=self.monitor.step,
+                permutations=s.monitor_permutations,
+                p_value=s.monitor_p_value,
+                kl_threshold=s.monitor_kl_threshold,
+                mmd_threshold=s.monitor_mmd_threshold,
+                consecutive=s.monitor_consecutive,
+                cooldown_windows=s.monitor_cooldown_windows,
+                gap_score=s.monitor_gap_score,
+                gap_share=s.monitor_gap_share,
+            ),
+            questions_seen=state.questions,
+            pending=await self.monitor.store.pending(state.cursor, s.monitor_log_max),
+            windows=windows,
+            streak=len(policy.get("streak", [])),
+            cooldown_until=int(policy.get("cooldown_until", -1)),
+            events=int(policy.get("events", 0)),
+            dead_letters=state.dead_letters,
+        )
+        if self.monitor.reference is not None:
+            status.reference.CopyFrom(reference_info(self.monitor.reference.info))
+        return status
+
+    async def SetReference(self, request, context):  # type: ignore[no-untyped-def]
+        source = request.WhichOneof("source")
+        limit = self.settings.monitor_log_max
+        entries: list[LogEntry] = []
+        if source is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "name a source: time_range, texts, adapter or recent",
+            )
+        elif source == "time_range":
+            r = request.time_range
+            if r.to_ms and r.to_ms <= r.from_ms:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "time_range: to_ms must be after from_ms"
+                )
+            entries = await self.monitor.store.entries_between(r.from_ms, r.to_ms, limit)
+        elif source == "recent":
+            if request.recent == 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "recent must be > 0")
+            entries = await self.monitor.store.latest_entries(min(request.recent, limit))
+        if entries:
+            embeddings = np.stack([e.embedding for e in entries])
+            texts = [e.question for e in entries]
+        elif source in ("time_range", "recent"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the monitor holds no questions for that {source.replace('_', ' ')}",
+            )
+        else:
+            texts = await self._texts(request, source, context)
+            embeddings = await self._embed(texts, context)
+        try:
+            info = await self.monitor.set_reference(
+                embeddings, texts, source, request.description, request.restart_windows
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # Questions already waiting may fill windows against the new reference now.
+        await self.monitor.advance()
+        return reference_info(info)
+
+    async def _texts(self, request: Any, source: str, context: Any) -> list[str]:
+        if source == "texts":
+            texts = [t for t in request.texts.texts]
+            if any(not t.strip() for t in texts):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty text in texts")
+        else:
+            try:
+                adapter = await self.registry.resolve(request.adapter or "live")
+            except UnknownAdapter as exc:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            key = adapter_questions_key(self.settings.redis_prefix, adapter)
+            raw = await self.registry.redis.lrange(key, 0, MAX_REFERENCE_TEXTS - 1)  # type: ignore[misc]
+            texts = [text(t) for t in raw]
+            if not texts:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"adapter {adapter} has no recorded training questions (the trainer "
+                    "records them for the adapters it trains)",
+                )
+        if len(texts) > MAX_REFERENCE_TEXTS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(texts)} texts; a reference takes at most {MAX_REFERENCE_TEXTS}",
+            )
+        return texts
+
+    async def _embed(self, texts: list[str], context: Any) -> np.ndarray:
+        vectors: list[Any] = []
+        for i in range(0, len(texts), EMBED_BATCH):
+            try:
+                reply = await self.embed.Embed(
+                    embed_pb2.EmbedRequest(texts=texts[i : i + EMBED_BATCH]),
+                    timeout=self.settings.rpc_timeout_s * 3,
+                )
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                await context.abort(
+                    code
+                    if code == grpc.StatusCode.INVALID_ARGUMENT
+                    else grpc.StatusCode.UNAVAILABLE,
+                    f"embedding the reference texts failed: {code.name}: {exc.details()}",
+                )
+            if reply.model != self.settings.embed_model:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the embed service runs {reply.model!r}; the monitor compares "
+                    f"{self.settings.embed_model!r} embeddings",
+                )
+            vectors.extend(e.values for e in reply.embeddings)
+        return np.asarray(vectors, dtype=np.float32)
+
+    async def ListEvents(self, request, context):  # type: ignore[no-untyped-def]
+        events = []
+        for raw in await self.monitor.store.events(min(request.limit or 20, 1000)):
+            event = events_pb2.DriftEvent()
+            event.ParseFromString(raw)
+            events.append(event)
+        return monitor_pb2.ListEventsResponse(events=events)
+
+
+async def main() -> None:
+    settings = MonitorSettings()
+    app = service_app("monitor", settings, settings.monitor_port, settings.monitor_metrics_port)
+    redis = connect(settings.redis_url)
+    producer = make_producer(settings, "monitor")
+    registry = AdapterRegistry(redis, settings)
+    store = MonitorStore(
+        redis, settings.redis_prefix, settings.monitor_dedup_ttl_s, settings.monitor_log_max
+    )
+
+    async def publish(topic: str, key: str, value: bytes) -> None:
+        await producer.send_and_wait(topic, value, key=key.encode())
+        EVENTS_PRODUCED.labels("monitor", topic).inc()
+
+    async def live_adapter() -> str:
+        return (await registry.rollout()).live
+
+    monitor = Monitor(settings, store, publish, live_adapter)
+    embed_channel = channel(settings.address(settings.embed_port))
+    monitor_pb2_grpc.add_MonitorServiceServicer_to_server(
+        MonitorServicer(
+            settings, monitor, registry, embed_pb2_grpc.EmbedServiceStub(embed_channel)
+        ),
+        app.server,
+    )
+    app.add_service(monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name)
+
+    async def start() -> None:
+        await producer.start()
+        # Windows left over from before a restart, and records committed but not yet sent.
+        await monitor.start()
+
+    async def stop() -> None:
+        await producer.stop()
+        await embed_channel.close(None)
+        await redis.aclose()
+
+    app.on_start(start)
+    app.on_stop(stop)
+    # Registered after start: the stream starts once the producer and the monitor are ready.
+    health = StreamHealth()
+    attach(app, build_stream(settings, monitor, health), health, "monitor-stream")
+    app.add_check("redis", lambda: ping(redis))
+    app.add_check("kafka", lambda: kafka_alive(settings.kafka_bootstrap))
+    await app.serve()

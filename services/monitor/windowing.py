@@ -1,0 +1,253 @@
+"""The monitor's logic without a network: event validation, building a reference, the statistics
+of one window as a DriftWindow record, and decisions as RetrainRequested / KnowledgeGap records.
+The live service (monitor.py) and the offline replay use the same functions."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from knowstream.events.v1 import events_pb2
+from services.common.kafka import BadEvent, check_header, new_header
+from services.monitor.drift import Reference, WindowStats, window_stats
+from services.monitor.policy import Decision, PolicyConfig, WindowResult
+from services.monitor.settings import MonitorSettings
+
+M = TypeVar("M", bound=Message)
+
+
+def parse_event(value: bytes | None, cls: type[M]) -> M:
+    """Decodes a record and checks its header, or raises :class:`BadEvent` with the reason."""
+    name = cls.DESCRIPTOR.name
+    if not value:
+        raise BadEvent("empty record value")
+    event = cls()
+    try:
+        event.ParseFromString(value)
+    except Exception as exc:  # protobuf raises DecodeError and, for some inputs, others
+        raise BadEvent(f"not a {name} protobuf: {exc}") from exc
+    if not event.HasField("header"):  # type: ignore[arg-type]
+        raise BadEvent(f"{name} without a header")
+    check_header(event.header, name)  # type: ignore[attr-defined]
+    return event
+
+
+def parse_inference(
+    value: bytes | None, embedding_model: str, dimension: int | None
+) -> events_pb2.InferenceEvent:
+    event = parse_event(value, events_pb2.InferenceEvent)
+    if not event.question.strip():
+        raise BadEvent("InferenceEvent without a question")
+    if not event.query_embedding:
+        raise BadEvent("InferenceEvent without a query embedding")
+    if event.embedding_model != embedding_model:
+        raise BadEvent(
+            f"query embedding from model {event.embedding_model!r}; the monitor compares "
+            f"{embedding_model!r} embeddings"
+        )
+    if dimension is not None and len(event.query_embedding) != dimension:
+        raise BadEvent(
+            f"query embedding has {len(event.query_embedding)} dimensions; the reference has "
+            f"{dimension}"
+        )
+    if not all(math.isfinite(x) for x in event.query_embedding):
+        raise BadEvent("query embedding has non-finite values")
+    return event
+
+
+def top_dense_score(event: events_pb2.InferenceEvent) -> float:
+    """Best dense (cosine) score among the retrieved chunks; 0 when nothing was retrieved."""
+    return max((r.dense_score for r in event.retrieved), default=0.0)
+
+
+def triggers(stats: WindowStats, settings: MonitorSettings) -> list[str]:
+    """Which of the configured tests call this window drifted (empty: not drifted)."""
+    fired = []
+    if stats.p_value < settings.monitor_p_value:
+        fired.append("p_value")
+    if settings.monitor_kl_threshold and stats.kl_topics > settings.monitor_kl_threshold:
+        fired.append("kl_topics")
+    if settings.monitor_mmd_threshold and stats.mmd2 > settings.monitor_mmd_threshold:
+        fired.append("mmd2")
+    return fired
+
+
+def policy_config(settings: MonitorSettings) -> PolicyConfig:
+    return PolicyConfig(
+        consecutive=settings.monitor_consecutive,
+        cooldown_windows=settings.monitor_cooldown_windows,
+        gap_score=settings.monitor_gap_score,
+        gap_share=settings.monitor_gap_share,
+    )
+
+
+def window_generator(settings: MonitorSettings, index: int) -> torch.Generator:
+    """Permutations seeded by the window index: recomputing a window (after a crash, or in a
+    replay) gives the same p-value."""
+    return torch.Generator().manual_seed(settings.monitor_seed * 1_000_003 + index)
+
+
+def build_reference(
+    embeddings: np.ndarray, texts: list[str], settings: MonitorSettings
+) -> tuple[str, Reference]:
+    """A reference from questions and their embeddings (sampled evenly down to
+    ``monitor_reference_max``); returns its content id and its precomputed statistics."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    minimum = max(8, settings.monitor_topics)
+    if len(x) < minimum:
+        raise ValueError(f"a reference needs at least {minimum} questions, got {len(x)}")
+    if len(x) > settings.monitor_reference_max:
+        keep = np.linspace(0, len(x) - 1, settings.monitor_reference_max).round().astype(int)
+        x, texts = x[keep], [texts[i] for i in keep]
+    digest = hashlib.sha256(x.tobytes())
+    for t in texts:
+        digest.update(t.encode())
+    reference = Reference.build(
+        x,
+        texts,
+        topics=min(settings.monitor_topics, max(2, len(x) // 8)),
+        vocabulary_size=settings.monitor_vocabulary,
+        seed=settings.monitor_seed,
+    )
+    return f"ref-{digest.hexdigest()[:12]}", reference
+
+
+def _share(values: list[bool]) -> float:
+    return float(np.mean(values)) if values else 0.0
+
+
+def compute_window(
+    reference: Reference,
+    reference_id: str,
+    index: int,
+    questions: list[str],
+    embeddings: np.ndarray,
+    top_scores: list[float | None],
+    confidences: list[float | None],
+    times_ms: list[int],
+    signals: dict[str, float],
+    settings: MonitorSettings,
+) -> tuple[events_pb2.DriftWindow, WindowResult]:
+    started = time.perf_counter()
+    stats = window_stats(
+        reference,
+        embeddings,
+        questions,
+        settings.monitor_permutations,
+        window_generator(settings, index),
+    )
+    fired = triggers(stats, settings)
+    scores = [s for s in top_scores if s is not None]
+    conf = [c for c in confidences if c is not None]
+    pairs = int(signals.get("shadow_pairs", 0))
+    feedback = int(signals.get("feedback", 0))
+    window = events_pb2.DriftWindow(
+        header=new_header("monitor"),
+        reference_id=reference_id,
+        index=index,
+        size=len(questions),
+        start_ms=min(times_ms),
+        end_ms=max(times_ms),
+        mmd2=stats.mmd2,
+        p_value=stats.p_value,
+        kl_topics=stats.kl_topics,
+        kl_terms=stats.kl_terms,
+        drift=bool(fired),
+        triggered_by=fired,
+        drifted_topics=[
+            events_pb2.DriftedTopic(
+                topic=t,
+                window_share=w,
+                reference_share=r,
+                terms=stats.topic_terms.get(t, []),
+            )
+            for t, w, r in stats.drifted_topics
+        ],
+        low_confidence_share=_share([c < settings.monitor_low_confidence for c in conf]),
+        poorly_retrieved_share=_share([s < settings.monitor_gap_score for s in scores]),
+        mean_top_score=float(np.mean(scores)) if scores else 0.0,
+        shadow_pairs=pairs,
+        shadow_agreement=signals.get("shadow_agreement", 0.0) / pairs if pairs else -1.0,
+        feedback_count=feedback,
+        negative_feedback_share=(
+            signals.get("feedback_negative", 0.0) / feedback if feedback else -1.0
+        ),
+    )
+    window.compute_ms = (time.perf_counter() - started) * 1000
+    result = WindowResult(
+        index=index,
+        drift=bool(fired),
+        questions=list(questions),
+        top_scores=list(top_scores),
+        stats=window_to_dict(window),
+    )
+    return window, result
+
+
+def window_to_dict(window: events_pb2.DriftWindow) -> dict[str, Any]:
+    return json_format.MessageToDict(window, preserving_proto_field_name=True)
+
+
+def window_from_dict(data: dict[str, Any]) -> events_pb2.DriftWindow:
+    return json_format.ParseDict(data, events_pb2.DriftWindow(), ignore_unknown_fields=True)
+
+
+def decision_event(
+    decision: Decision, reference_id: str, live_adapter: str, settings: MonitorSettings
+) -> events_pb2.DriftEvent:
+    windows = [window_from_dict(s) for s in decision.stats]
+    from_ms = min(w.start_ms for w in windows)
+    to_ms = max(w.end_ms for w in windows)
+    evidence = ", ".join(
+        f"window {w.index}: p={w.p_value:.3f} MMD²={w.mmd2:.4f} KL(topics)={w.kl_topics:.3f}"
+        for w in windows
+    )
+    terms = list(dict.fromkeys(t for w in windows for d in w.drifted_topics for t in d.terms))[:8]
+    where = f" (growing topics: {', '.join(terms)})" if terms else ""
+    poor = decision.poorly_retrieved_share
+    if decision.kind == "knowledge_gap":
+        reason = (
+            f"{len(windows)} consecutive windows drifted from reference {reference_id}{where}; "
+            f"{poor:.0%} of their questions found no passage scoring ≥ {settings.monitor_gap_score}"
+            f": the documents are missing, ingest them ({evidence})"
+        )
+        return events_pb2.DriftEvent(
+            knowledge_gap=events_pb2.KnowledgeGap(
+                header=new_header("monitor"),
+                idempotency_key=decision.idempotency_key,
+                reference_id=reference_id,
+                reason=reason,
+                windows=windows,
+                example_questions=decision.examples,
+                poorly_retrieved_share=poor,
+                gap_score=settings.monitor_gap_score,
+                from_ms=from_ms,
+                to_ms=to_ms,
+            )
+        )
+    reason = (
+        f"{len(windows)} consecutive windows drifted from reference {reference_id}{where}; "
+        f"retrieval still finds passages for {1 - poor:.0%} of their questions: the model should "
+        f"adapt to them ({evidence})"
+    )
+    return events_pb2.DriftEvent(
+        retrain_requested=events_pb2.RetrainRequested(
+            header=new_header("monitor"),
+            idempotency_key=decision.idempotency_key,
+            reference_id=reference_id,
+            reason=reason,
+            windows=windows,
+            example_questions=decision.examples,
+            live_adapter=live_adapter,
+            from_ms=from_ms,
+            to_ms=to_ms,
+            poorly_retrieved_share=poor,
+        )
+    )
