@@ -234,7 +234,7 @@ class Stack:
             if port_open(self.settings.host, self.service_port(name)):
                 raise RuntimeError(
                     f"port {self.service_port(name)} for {name} is taken by "
-                    "another process; set KS_{name.upper()}_PORT"
+                    f"another process; set KS_{name.upper()}_PORT"
                 )
             if name == "infer":
                 self.start_triton()

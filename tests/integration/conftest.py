@@ -8,8 +8,10 @@ import socket
 import time
 
 import pytest
+from kafka import KafkaConsumer
 
 from deploy.stack import Stack
+from knowstream.events.v1 import events_pb2
 
 
 def free_port() -> int:
@@ -28,6 +30,7 @@ def stack(tmp_path_factory):
         "KS_EMBED_PORT": str(free_port()),
         "KS_RETRIEVE_PORT": str(free_port()),
         "KS_INFER_PORT": str(free_port()),
+        "KS_MONITOR_PORT": str(free_port()),
         "KS_TRITON_GRPC_PORT": str(free_port()),
         "KS_TRITON_HTTP_PORT": str(free_port()),
         "KS_TRITON_METRICS_PORT": str(free_port()),
@@ -59,3 +62,47 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def read_dead_letters(settings, topic: str, count: int, timeout_ms: int = 15_000) -> list:
+    """The first ``count`` DeadLetter records of ``topic``'s dead-letter topic."""
+    consumer = KafkaConsumer(
+        settings.dlq(topic),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=timeout_ms,
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    letters = []
+    try:
+        for message in consumer:
+            letters.append(events_pb2.DeadLetter.FromString(message.value))
+            if len(letters) >= count:
+                break
+    finally:
+        consumer.close()
+    assert len(letters) == count, f"expected {count} dead letters on {topic}, got {letters}"
+    return letters
+
+
+def read_events(settings, topic: str, cls, match, timeout_s: float = 30):
+    """The first record of ``topic`` (parsed as ``cls``) that ``match`` accepts."""
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1000,
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for message in consumer:
+                event = cls.FromString(message.value)
+                if match(event):
+                    return event
+    finally:
+        consumer.close()
+    raise AssertionError(f"no matching {cls.__name__} on {topic} within {timeout_s}s")

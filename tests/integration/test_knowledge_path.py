@@ -8,14 +8,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from knowstream.events.v1 import events_pb2
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from services.cli.main import pubmedqa_document
 from services.common.clients import sync_channel
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import read_dead_letters, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -42,28 +42,6 @@ def doc_chunks(retrieve, doc_id: str, query: str = "study", mode=retrieve_pb2.SE
         timeout=10,
     )
     return list(reply.hits)
-
-
-def read_dead_letters(settings, topic: str, count: int, timeout_ms: int = 15_000) -> list:
-    """The first ``count`` DeadLetter records of ``topic``'s dead-letter topic."""
-    consumer = KafkaConsumer(
-        settings.dlq(topic),
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=timeout_ms,
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    letters = []
-    try:
-        for message in consumer:
-            letters.append(events_pb2.DeadLetter.FromString(message.value))
-            if len(letters) >= count:
-                break
-    finally:
-        consumer.close()
-    assert len(letters) == count, f"expected {count} dead letters on {topic}, got {letters}"
-    return letters
 
 
 def stats(retrieve) -> retrieve_pb2.IndexStats:

@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kafka import KafkaConsumer
 
 from knowstream.events.v1 import events_pb2
 from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
@@ -22,7 +21,7 @@ from services.cli.main import pubmedqa_document
 from services.common.adapters import create_random_adapter
 from services.common.clients import sync_channel
 from services.common.models import resolve_llm_dir
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import read_events, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -109,27 +108,6 @@ def indexed(stack, pubmedqa) -> list[tuple[str, dict]]:
 def quick(question: str = "Is exercise good for the heart?", **kw) -> infer_pb2.AskRequest:
     """A cheap request: no retrieval, score mode (one forward pass)."""
     return infer_pb2.AskRequest(question=question, no_retrieval=True, candidates=YES_NO_MAYBE, **kw)
-
-
-def read_events(settings, topic: str, cls, match, timeout_s: float = 30):
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1000,
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            for message in consumer:
-                event = cls.FromString(message.value)
-                if match(event):
-                    return event
-    finally:
-        consumer.close()
-    raise AssertionError(f"no matching {cls.__name__} on {topic} within {timeout_s}s")
 
 
 def test_infer_has_health_and_triton_is_up(stack):
