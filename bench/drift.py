@@ -4,6 +4,9 @@ Same reference (1,000 x 384), same windows (200 x 384), 100 permutations, one th
 200 windows without drift, and windows whose mean is shifted by 0.1 and 0.2 in 20 of the 384
 dimensions. alibi-detect runs in bench/.venv-anchors (`make bench-anchors`).
 
+Then the monitor's own windows and policy on a switch between PubMedQA MeSH groups (adult-only
+to paediatric questions) at the default window of 32, over random splits (``mesh_switch``).
+
     .venv/bin/python -m bench.drift --json
 """
 
@@ -44,6 +47,92 @@ def make_data(seed: int, no_drift: int, shifted: int) -> tuple[np.ndarray, np.nd
     return reference, np.asarray(windows, dtype=np.float32), kinds
 
 
+KIDS = {"Child", "Infant", "Adolescent", "Child, Preschool", "Infant, Newborn"}
+
+
+def mesh_switch(data: Path, trials: int) -> dict[str, object]:
+    """The monitor's own window computation and policy (default settings, window 32) on
+    PubMedQA questions: a reference of 100 adult-only questions, then 64 more adult-only
+    questions and 64 paediatric ones; per random split, the delay from the switch to the first
+    drifted window and to the event (K consecutive windows), and false alarms before it."""
+    from services.common.embedding import Embedder
+    from services.monitor.policy import DriftPolicy
+    from services.monitor.settings import MonitorSettings
+    from services.monitor.windowing import build_reference, compute_window, policy_config
+
+    items = json.loads(data.read_text())
+    adult = [
+        v["QUESTION"]
+        for v in items.values()
+        if "Adult" in v["MESHES"] and not KIDS & set(v["MESHES"])
+    ]
+    child = [
+        v["QUESTION"]
+        for v in items.values()
+        if "Adult" not in v["MESHES"] and KIDS & set(v["MESHES"])
+    ]
+    settings = MonitorSettings()
+    size = settings.monitor_window
+    embedder = Embedder.from_settings(settings)
+    vectors = dict(zip(adult + child, embedder.embed(adult + child), strict=True))
+    first_drift, event_delay, false_alarms, window_s = [], [], 0, []
+    for trial in range(trials):
+        rng = np.random.default_rng(trial)
+        a = [adult[i] for i in rng.permutation(len(adult))]
+        c = [child[i] for i in rng.permutation(len(child))]
+        c = (c + c)[: 2 * size]
+        ref_texts, stream = a[:100], a[100 : 100 + 2 * size] + c
+        ref_id, ref = build_reference(
+            np.stack([vectors[t] for t in ref_texts]), ref_texts, settings
+        )
+        policy = DriftPolicy(policy_config(settings), ref_id)
+        drifted, event = None, None
+        for index in range(len(stream) // size):
+            texts = stream[index * size : (index + 1) * size]
+            start = time.perf_counter()
+            window, result = compute_window(
+                ref,
+                ref_id,
+                index,
+                texts,
+                np.stack([vectors[t] for t in texts]),
+                [None] * size,
+                [None] * size,
+                list(range(size)),
+                {},
+                settings,
+            )
+            window_s.append(time.perf_counter() - start)
+            after_switch = index - 2  # windows 0 and 1 are adult-only
+            if window.drift and after_switch < 0:
+                false_alarms += 1
+            if window.drift and after_switch >= 0 and drifted is None:
+                drifted = after_switch + 1
+            if policy.observe(result) is not None and after_switch >= 0 and event is None:
+                event = after_switch + 1
+        first_drift.append(drifted)
+        event_delay.append(event)
+    detected = [d for d in first_drift if d is not None]
+    return {
+        "trials": trials,
+        "window": size,
+        "reference": 100,
+        "adult_questions": len(adult),
+        "paediatric_questions": len(child),
+        # 1 = the first window after the switch.
+        "median_windows_to_first_drift": statistics.median(detected) if detected else None,
+        "drift_within_2_windows_share": round(
+            sum(d is not None and d <= 2 for d in first_drift) / trials, 4
+        ),
+        "event_within_2_windows_share": round(
+            sum(e is not None and e <= 2 for e in event_delay) / trials, 4
+        ),
+        "false_alarm_windows_before_switch": false_alarms,
+        "windows_before_switch": 2 * trials,
+        "median_window_compute_s": round(statistics.median(window_s), 5),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.drift")
     parser.add_argument("--no-drift", type=int, default=200)
@@ -51,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--permutations", type=int, default=100)
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=REPO_ROOT.parent / "shared" / "data" / "pubmedqa" / "labeled.json",
+    )
+    parser.add_argument("--switch-trials", type=int, default=20)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     reference, windows, kinds = make_data(0, args.no_drift, args.shifted)
@@ -122,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             statistics.median(ours_s) / statistics.median(alibi["seconds"]), 4
         )
         out["same_decision_share"] = round(float(np.mean(decisions)), 4)
+    if args.switch_trials:
+        out["mesh_switch"] = mesh_switch(args.data, args.switch_trials)
     print(json.dumps(out))
     return 0
 

@@ -121,6 +121,12 @@ def cmd_status(args: argparse.Namespace, settings: CommonSettings) -> int:
         f"streak {status.streak}, cooldown until window {status.cooldown_until}, events "
         f"{status.events}, dead letters {status.dead_letters}"
     )
+    for gap in status.gaps:
+        state = f"closed {_when(gap.closed_ms)}" if gap.closed_ms else "open"
+        print(
+            f"knowledge gap {gap.idempotency_key}: {state}, {gap.covered_share:.0%} of its "
+            f"{len(gap.questions)} questions now find a passage"
+        )
     if status.windows:
         print(
             f"\n{'window':>6}  {'last question (UTC)':19}  {'mmd2':>8}  {'p':>6}  {'KL top':>6}  "

@@ -12,6 +12,7 @@ import grpc
 
 from knowstream.events.v1 import events_pb2
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from services.cli.drift import add_commands as add_drift_commands
 from services.cli.serving import add_commands as add_serving_commands
@@ -175,8 +176,30 @@ def cmd_status(args: argparse.Namespace, settings: CommonSettings) -> int:
         stats = stub.GetIndexStats(retrieve_pb2.GetIndexStatsRequest(), timeout=3)
     except grpc.RpcError:
         pass
+    drift = None
+    try:
+        drift = monitor_pb2_grpc.MonitorServiceStub(
+            sync_channel(settings.address(settings.monitor_port))
+        ).GetDriftStatus(monitor_pb2.GetDriftStatusRequest(windows=1), timeout=3)
+    except grpc.RpcError:
+        pass
+    drift_summary = None
+    if drift is not None:
+        last = drift.windows[-1] if drift.windows else None
+        drift_summary = {
+            "reference": drift.reference.id or None,
+            "questions_seen": drift.questions_seen,
+            "last_window": last.index if last else None,
+            "last_p_value": round(last.p_value, 4) if last else None,
+            "last_drift": last.drift if last else None,
+            "streak": drift.streak,
+            "events": drift.events,
+            "open_gaps": sum(1 for g in drift.gaps if not g.closed_ms),
+        }
     if args.json:
         out: dict[str, object] = {"components": rows}
+        if drift_summary is not None:
+            out["drift"] = drift_summary
         if stats is not None:
             out["index"] = {
                 "chunks": stats.chunks,
@@ -193,6 +216,18 @@ def cmd_status(args: argparse.Namespace, settings: CommonSettings) -> int:
                 f"\nindex: {stats.documents} documents, {stats.chunks} chunks "
                 f"({stats.pending_chunks} pending, {stats.bm25_lag_chunks} awaiting BM25), "
                 f"dense backend {stats.dense_backend}"
+            )
+        if drift_summary is not None:
+            d = drift_summary
+            window = (
+                f"last window {d['last_window']} p={d['last_p_value']}"
+                + (" DRIFT" if d["last_drift"] else "")
+                if d["last_window"] is not None
+                else "no window yet"
+            )
+            print(
+                f"drift: reference {d['reference'] or 'none yet'}, {d['questions_seen']} "
+                f"questions, {window}, {d['events']} events, {d['open_gaps']} open knowledge gaps"
             )
     return 0 if all(r["state"] in ("UP", "SERVING") for r in rows) else 3
 

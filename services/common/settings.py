@@ -33,6 +33,11 @@ class CommonSettings(BaseSettings):
     triton_grpc_port: int = 8001
     triton_http_port: int = 8000
     triton_metrics_port: int = 8002
+    # Where services reach each other when it is not KS_HOST (which is also the bind address):
+    # in docker-compose, the container names.
+    embed_host: str = ""
+    retrieve_host: str = ""
+    triton_host: str = ""
     # Name of the LLM in Triton's model repository (deploy/triton).
     triton_model: str = "llm"
 
@@ -90,6 +95,11 @@ class CommonSettings(BaseSettings):
 
     def address(self, port: int) -> str:
         return f"{self.host}:{port}"
+
+    def endpoint(self, service: str) -> str:
+        """Address of another service (embed, retrieve, triton) for a client in a service."""
+        port = getattr(self, "triton_grpc_port" if service == "triton" else f"{service}_port")
+        return f"{getattr(self, f'{service}_host') or self.host}:{port}"
 
     def key(self, *parts: str) -> str:
         return ":".join((self.redis_prefix, *parts))

@@ -701,8 +701,8 @@ def build(
     app: GrpcApp, settings: InferSettings
 ) -> tuple[Answerer, AIOKafkaProducer, TritonLLM, Any]:
     redis = connect(settings.redis_url)
-    llm = TritonLLM(settings.address(settings.triton_grpc_port), settings.triton_model)
-    retrieve_channel = channel(settings.address(settings.retrieve_port))
+    llm = TritonLLM(settings.endpoint("triton"), settings.triton_model)
+    retrieve_channel = channel(settings.endpoint("retrieve"))
     producer = make_producer(settings, "infer")
     answerer = Answerer(
         settings,

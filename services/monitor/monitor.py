@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from knowstream.events.v1 import events_pb2
-from services.common.kafka import BadEvent
+from services.common.kafka import BadEvent, parse_knowledge_event
 from services.monitor.drift import Reference
 from services.monitor.policy import DriftPolicy, PolicyState
 from services.monitor.settings import MonitorSettings
@@ -26,7 +26,9 @@ from services.monitor.store import LogEntry, MonitorStore, OutboxRecord
 from services.monitor.windowing import (
     build_reference,
     compute_window,
+    cover_gap,
     decision_event,
+    new_gap,
     parse_event,
     parse_inference,
     policy_config,
@@ -65,6 +67,8 @@ class Monitor:
         self.reference: LoadedReference | None = None
         self.step = settings.monitor_step or settings.monitor_window
         self._lock = asyncio.Lock()
+        # Gap coverage updates are read-modify-write of the gaps hash.
+        self._gap_lock = asyncio.Lock()
 
     async def start(self) -> None:
         loaded = await self.store.load_reference()
@@ -111,6 +115,41 @@ class Monitor:
             f"feedback:{event.header.event_id}",
             {"feedback": 1, "feedback_negative": float(event.rating < 0)},
         )
+
+    async def accept_chunks(self, values: list[bytes | None]) -> int:
+        """Newly embedded chunks: how far they cover the open knowledge gaps' questions.
+        Records that are not embedded chunks are skipped (retrieve dead-letters bad ones)."""
+        vectors = []
+        for value in values:
+            try:
+                event = parse_knowledge_event(value)
+            except BadEvent:
+                continue
+            if event.WhichOneof("kind") == "embedded" and event.embedded.vector:
+                vectors.append(np.asarray(event.embedded.vector, dtype=np.float32))
+        if not vectors:
+            return 0
+        by_dim: dict[int, list[np.ndarray]] = {}
+        for v in vectors:
+            by_dim.setdefault(len(v), []).append(v)
+        async with self._gap_lock:
+            gaps = [g for g in await self.store.gaps() if not g["closed_ms"]]
+            now = int(time.time() * 1000)
+            changed = []
+            for gap in gaps:
+                for group in by_dim.values():
+                    if cover_gap(
+                        gap,
+                        np.stack(group),
+                        self.settings.monitor_gap_score,
+                        self.settings.monitor_gap_share,
+                        now,
+                    ):
+                        changed.append(gap)
+                if gap["closed_ms"]:
+                    log.info("knowledge gap %s closed by ingested documents", gap["key"])
+            await self.store.save_gaps(list({g["key"]: g for g in changed}.values()))
+        return len(vectors)
 
     # -- reference --------------------------------------------------------------------------
     async def set_reference(
@@ -233,7 +272,7 @@ class Monitor:
                 record.SerializeToString(),
             )
         ]
-        event_bytes = None
+        event_bytes, gap = None, None
         if decision is not None:
             event = decision_event(decision, ref.id, await self.live_adapter(), self.settings)
             kind = event.WhichOneof("kind")
@@ -245,6 +284,19 @@ class Monitor:
             )
             outbox.append(OutboxRecord(topic, decision.idempotency_key, inner.SerializeToString()))
             event_bytes = event.SerializeToString()
+            if kind == "knowledge_gap":
+                poor = [
+                    e
+                    for e in entries
+                    if e.top_score is not None and e.top_score < self.settings.monitor_gap_score
+                ]
+                gap = new_gap(
+                    decision.idempotency_key,
+                    [e.question for e in poor],
+                    np.stack([e.embedding for e in poor]),
+                    [e.top_score or 0.0 for e in poor],
+                    int(time.time() * 1000),
+                )
             log.warning(
                 "drift decision: %s",
                 kind,
@@ -258,6 +310,7 @@ class Monitor:
             event=event_bytes,
             outbox=outbox,
             history=self.settings.monitor_history,
+            gap=gap,
         )
         log.info(
             "window %d: mmd2=%.5f p=%.3f kl_topics=%.3f drift=%s",

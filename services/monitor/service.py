@@ -1,5 +1,6 @@
 """Monitor service: a faust app consuming inference, shadow-pair and feedback events into the
-drift monitor, and the gRPC MonitorService (status, reference, events) in one process."""
+drift monitor (and embedded chunks, to follow how ingested documents close knowledge gaps), and
+the gRPC MonitorService (status, reference, events) in one process."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from services.common.streams import StreamHealth, attach, dead_letter, make_faus
 from services.monitor.monitor import Monitor
 from services.monitor.settings import MonitorSettings
 from services.monitor.store import LogEntry, MonitorStore
+from services.monitor.windowing import gap_covered_share
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,16 @@ def build_stream(settings: MonitorSettings, monitor: Monitor, health: StreamHeal
     @app.agent(topic(settings.topic_feedback), concurrency=1)
     async def feedback(stream: Any) -> None:
         await consume(stream, settings.topic_feedback, monitor.accept_feedback)
+
+    @app.agent(topic(settings.topic_embedded), concurrency=1)
+    async def embedded_chunks(stream: Any) -> None:
+        try:
+            async for batch in stream.take_events(256, within=settings.monitor_stream_wait_s):
+                EVENTS_CONSUMED.labels("monitor", settings.topic_embedded).inc(len(batch))
+                await monitor.accept_chunks([e.message.value for e in batch])
+        except Exception as exc:
+            health.crashed(exc)
+            raise
 
     return app
 
@@ -136,6 +148,16 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         )
         if self.monitor.reference is not None:
             status.reference.CopyFrom(reference_info(self.monitor.reference.info))
+        for gap in (await self.monitor.store.gaps())[:20]:
+            status.gaps.append(
+                monitor_pb2.KnowledgeGapStatus(
+                    idempotency_key=gap["key"],
+                    created_ms=gap["created_ms"],
+                    questions=gap["questions"],
+                    covered_share=gap_covered_share(gap, s.monitor_gap_score),
+                    closed_ms=gap["closed_ms"],
+                )
+            )
         return status
 
     async def SetReference(self, request, context):  # type: ignore[no-untyped-def]
@@ -257,7 +279,7 @@ async def main() -> None:
         return (await registry.rollout()).live
 
     monitor = Monitor(settings, store, publish, live_adapter)
-    embed_channel = channel(settings.address(settings.embed_port))
+    embed_channel = channel(settings.endpoint("embed"))
     monitor_pb2_grpc.add_MonitorServiceServicer_to_server(
         MonitorServicer(
             settings, monitor, registry, embed_pb2_grpc.EmbedServiceStub(embed_channel)

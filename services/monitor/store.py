@@ -13,6 +13,7 @@ Keys under ``<prefix>:monitor:``
 - ``signals`` / ``signals:snap``: answer-side counters (shadow pairs, feedback) accumulating
   for the next window, and their snapshot taken by the window being computed.
 - ``windows``: the latest DriftWindow records; ``events``: DriftEvent records, newest first.
+- ``gaps``: knowledge gaps and how far newly ingested chunks cover their questions.
 - ``outbox``: Kafka records committed with a window but not yet acknowledged by the broker;
   published again after a restart (consumers de-duplicate by key).
 
@@ -129,6 +130,7 @@ class MonitorStore:
         self.windows_key = f"{base}:windows"
         self.events_key = f"{base}:events"
         self.outbox_key = f"{base}:outbox"
+        self.gaps_key = f"{base}:gaps"
         self._seen = f"{base}:seen"
         self._accept = client.register_script(_ACCEPT)
         self._signal = client.register_script(_SIGNAL)
@@ -257,6 +259,7 @@ class MonitorStore:
         event: bytes | None,
         outbox: list[OutboxRecord],
         history: int,
+        gap: dict[str, Any] | None = None,
     ) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(
@@ -274,8 +277,23 @@ class MonitorStore:
                 pipe.ltrim(self.events_key, 0, history - 1)
             for record in outbox:
                 pipe.hset(self.outbox_key, f"{record.topic}\n{record.key}", record.value)
+            if gap is not None:
+                pipe.hset(self.gaps_key, gap["key"], json.dumps(gap))
             pipe.delete(self.snapshot_key)
             await pipe.execute()
+
+    async def gaps(self) -> list[dict[str, Any]]:
+        """Knowledge gaps, newest first; each {key, created_ms, questions, embeddings (base64
+        float32), best (best chunk score per question), closed_ms}."""
+        raw: dict[Any, Any] = await self.redis.hgetall(self.gaps_key)  # type: ignore[misc]
+        gaps = [json.loads(v) for v in raw.values()]
+        return sorted(gaps, key=lambda g: -int(g["created_ms"]))
+
+    async def save_gaps(self, gaps: list[dict[str, Any]]) -> None:
+        if gaps:
+            await self.redis.hset(  # type: ignore[misc]
+                self.gaps_key, mapping={g["key"]: json.dumps(g) for g in gaps}
+            )
 
     async def outbox(self) -> list[OutboxRecord]:
         raw: dict[Any, Any] = await self.redis.hgetall(self.outbox_key)  # type: ignore[misc]

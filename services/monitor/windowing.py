@@ -4,6 +4,7 @@ The live service (monitor.py) and the offline replay use the same functions."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import time
@@ -251,3 +252,44 @@ def decision_event(
             poorly_retrieved_share=poor,
         )
     )
+
+
+def new_gap(
+    key: str, questions: list[str], embeddings: np.ndarray, top_scores: list[float], now_ms: int
+) -> dict[str, Any]:
+    """A knowledge gap to track: its poorly retrieved questions and their best scores so far."""
+    return {
+        "key": key,
+        "created_ms": now_ms,
+        "questions": questions,
+        "embeddings": base64.b64encode(np.asarray(embeddings, np.float32).tobytes()).decode(),
+        "best": [float(s) for s in top_scores],
+        "closed_ms": 0,
+    }
+
+
+def cover_gap(
+    gap: dict[str, Any], chunks: np.ndarray, gap_score: float, gap_share: float, now_ms: int
+) -> bool:
+    """Raises the gap's best score per question with newly embedded chunks (normalised vectors);
+    closes it once fewer than ``gap_share`` of its questions stay below ``gap_score``. Returns
+    whether anything changed."""
+    if gap["closed_ms"] or not len(chunks) or not gap["questions"]:
+        return False
+    q = np.frombuffer(base64.b64decode(gap["embeddings"]), np.float32).reshape(
+        len(gap["questions"]), -1
+    )
+    if q.shape[1] != chunks.shape[1]:
+        return False
+    best = np.maximum(np.asarray(gap["best"]), (q @ chunks.T).max(axis=1))
+    changed = bool((best > np.asarray(gap["best"])).any())
+    gap["best"] = [float(x) for x in best]
+    if float(np.mean(best < gap_score)) < gap_share:
+        gap["closed_ms"] = now_ms
+        changed = True
+    return changed
+
+
+def gap_covered_share(gap: dict[str, Any], gap_score: float) -> float:
+    best = gap["best"]
+    return float(np.mean([b >= gap_score for b in best])) if best else 0.0

@@ -373,7 +373,7 @@ async def main() -> None:
     settings = RetrieveSettings()
     app = service_app("retrieve", settings, settings.retrieve_port, settings.retrieve_metrics_port)
     redis = redisutil.connect(settings.redis_url)
-    embed_channel = clients.channel(settings.address(settings.embed_port))
+    embed_channel = clients.channel(settings.endpoint("embed"))
     embed_stub = embed_pb2_grpc.EmbedServiceStub(embed_channel)
     producer = make_producer(settings, "retrieve")
     consumer = make_consumer(

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import random
 import signal
+import time
 import uuid
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaProducer
@@ -69,11 +71,6 @@ def groups(pubmedqa):
     return adult, child
 
 
-def index_settled(retrieve) -> bool:
-    s = retrieve.GetIndexStats(retrieve_pb2.GetIndexStatsRequest(), timeout=10)
-    return s.pending_chunks == 0 and s.bm25_lag_chunks == 0
-
-
 def searchable(retrieve, pmid: str, question: str) -> bool:
     hits = retrieve.Search(
         retrieve_pb2.SearchRequest(
@@ -90,12 +87,15 @@ def corpus(ingest, retrieve, pubmedqa):
     docs = [pubmedqa_document(k, v) for k, v in pubmedqa.items()]
     reply = ingest.IngestDocumentStream(iter(docs), timeout=300)
     assert reply.rejected == 0
+    missing = set(pubmedqa)
 
     def indexed() -> bool:
-        s = retrieve.GetIndexStats(retrieve_pb2.GetIndexStatsRequest(), timeout=10)
-        return s.documents >= 500 and index_settled(retrieve)
+        for pmid in list(missing):
+            if searchable(retrieve, pmid, pubmedqa[pmid]["QUESTION"]):
+                missing.discard(pmid)
+        return not missing
 
-    wait_for(indexed, 600, "the abstracts to be indexed")
+    wait_for(indexed, 600, "the abstracts to be searchable")
     return pubmedqa
 
 
@@ -239,14 +239,30 @@ def test_a_steady_stream_raises_no_event_over_ten_windows(monitor, traffic, corp
         monitor, [corpus[p]["QUESTION"] for p in reference], "180 random items"
     )
     first, seen, before = next_window(monitor), status(monitor).questions_seen, len(events(monitor))
+    # Answer-side signals that arrive meanwhile: shadow pairs and feedback.
+    s = traffic.settings
+    for i, agreement in enumerate([1.0, 1.0, 0.0]):
+        pair = events_pb2.ShadowPairEvent(
+            header=new_header("test"), request_id=f"pair-{uuid.uuid4().hex}", agreement=agreement
+        )
+        traffic.send_raw(s.topic_shadow, pair.SerializeToString(), f"pair-{i}")
+    for i, rating in enumerate([-1, 1, 1, -1]):
+        feedback = events_pb2.FeedbackEvent(
+            header=new_header("test"), request_id="r", rating=rating
+        )
+        traffic.send_raw(s.topic_feedback, feedback.SerializeToString(), f"feedback-{i}")
     traffic.send(stream)
     wait_seen(monitor, seen + len(stream))
     done = wait_for(lambda: len(w := windows_from(monitor, first)) >= 10 and w, 30, "10 windows")
+    assert sum(w.shadow_pairs for w in done) == 3 and sum(w.feedback_count for w in done) == 4
+    agreement = sum(w.shadow_agreement * w.shadow_pairs for w in done if w.shadow_pairs)
+    negative = sum(w.negative_feedback_share * w.feedback_count for w in done if w.feedback_count)
+    assert agreement == pytest.approx(2.0) and negative == pytest.approx(2.0)
     assert [w.index for w in done] == list(range(first, first + 10))
     assert all(w.reference_id == ref_id and w.size == WINDOW for w in done)
     assert len(events(monitor)) == before, "no event on a stream like the reference"
-    s = status(monitor)
-    assert s.pending == 0 and s.streak <= 1
+    st = status(monitor)
+    assert st.pending == 0 and st.streak <= 1
     # Every window is also an event on the windows topic.
     last = read_events(
         traffic.settings,
@@ -293,6 +309,10 @@ def test_questions_without_documents_raise_a_knowledge_gap(
         lambda g: g.idempotency_key == gap.idempotency_key,
     )
     assert on_topic.reason == gap.reason and "ingest" in gap.reason
+    # The gap is tracked against documents ingested from now on.
+    tracked = status(monitor).gaps[0]
+    assert tracked.idempotency_key == gap.idempotency_key and tracked.closed_ms == 0
+    assert set(tracked.questions) <= child_questions and tracked.covered_share < 0.5
 
 
 def test_a_mesh_group_switch_requests_retraining_then_cools_down(
@@ -307,7 +327,11 @@ def test_a_mesh_group_switch_requests_retraining_then_cools_down(
         120,
         "the paediatric abstracts to be back",
     )
-    wait_for(lambda: index_settled(retrieve), 120, "the index to settle")
+    # Ingesting the missing abstracts closed the knowledge gap raised before.
+    closed = wait_for(
+        lambda: [g for g in status(monitor).gaps if g.closed_ms], 60, "the knowledge gap to close"
+    )
+    assert closed[0].covered_share >= 0.5
     ref_id = restart_with_reference(
         monitor, [corpus[p]["QUESTION"] for p in adult[:100]], "adult-only items"
     )
@@ -402,6 +426,40 @@ def test_malformed_events_go_to_the_dead_letter_topics(monitor, traffic, corpus)
         lambda: status(monitor).dead_letters >= before.dead_letters + 5, 30, "dead-letter count"
     )
     assert after.questions_seen == before.questions_seen + 1
+
+
+def test_reference_sources_and_bad_requests(monitor, traffic, corpus):
+    # The last questions seen, and a time range of them (the log's ids are arrival times).
+    recent = monitor.SetReference(monitor_pb2.SetReferenceRequest(recent=64), timeout=60)
+    assert recent.source == "recent" and recent.size == 64
+    now = int(time.time() * 1000)
+    ranged = monitor.SetReference(
+        monitor_pb2.SetReferenceRequest(
+            time_range=monitor_pb2.TimeRange(from_ms=now - 3_600_000), description="last hour"
+        ),
+        timeout=60,
+    )
+    assert ranged.source == "time_range" and ranged.size >= 64
+    assert status(monitor).reference.id == ranged.id
+
+    def code(request) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as failure:
+            monitor.SetReference(request, timeout=30)
+        return failure.value.code(), failure.value.details()
+
+    assert code(monitor_pb2.SetReferenceRequest())[0] == grpc.StatusCode.INVALID_ARGUMENT
+    few = code(monitor_pb2.SetReferenceRequest(texts=monitor_pb2.Texts(texts=["a", "b"])))
+    assert few[0] == grpc.StatusCode.INVALID_ARGUMENT and "at least" in few[1]
+    future = code(
+        monitor_pb2.SetReferenceRequest(time_range=monitor_pb2.TimeRange(from_ms=now + 10**9))
+    )
+    assert future[0] == grpc.StatusCode.INVALID_ARGUMENT
+    untrained = code(monitor_pb2.SetReferenceRequest(adapter="base"))
+    assert (
+        untrained[0] == grpc.StatusCode.FAILED_PRECONDITION and "training questions" in untrained[1]
+    )
+    unknown = code(monitor_pb2.SetReferenceRequest(adapter="no-such-adapter"))
+    assert unknown[0] == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_restarted_monitor_resumes_its_windows_and_streak(

@@ -15,7 +15,10 @@ from services.monitor.settings import MonitorSettings
 from services.monitor.windowing import (
     build_reference,
     compute_window,
+    cover_gap,
     decision_event,
+    gap_covered_share,
+    new_gap,
     parse_inference,
     policy_config,
 )
@@ -201,3 +204,20 @@ def test_the_report_is_a_png(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000
     with pytest.raises(ValueError, match="no windows"):
         plot([], [], monitor_pb2.PolicySettings(), out)
+
+
+def test_ingested_chunks_close_a_knowledge_gap():
+    rng = np.random.default_rng(6)
+    questions = unit(rng, 4)
+    gap = new_gap("k", ["q1", "q2", "q3", "q4"], questions, [0.2, 0.3, 0.1, 0.6], 1)
+    assert gap_covered_share(gap, 0.5) == 0.25
+    unrelated = unit(rng, 10)
+    unrelated -= questions.mean(0)  # pointing away from the questions
+    unrelated /= np.linalg.norm(unrelated, axis=1, keepdims=True)
+    cover_gap(gap, unrelated, 0.5, 0.5, 2)
+    assert gap["closed_ms"] == 0
+    # A chunk that answers q1: 2 of 4 covered, 50% still uncovered, not < 50%: open.
+    assert cover_gap(gap, questions[:1], 0.5, 0.5, 3) and gap["closed_ms"] == 0
+    assert gap_covered_share(gap, 0.5) == 0.5
+    assert cover_gap(gap, questions[1:2], 0.5, 0.5, 4) and gap["closed_ms"] == 4
+    assert not cover_gap(gap, questions, 0.5, 0.5, 5), "a closed gap stays closed"
