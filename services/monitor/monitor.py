@@ -257,7 +257,7 @@ class Monitor:
             np.stack([e.embedding for e in entries]),
             [e.top_score for e in entries],
             [e.confidence for e in entries],
-            [e.at_ms or int(e.entry_id.split("-")[0]) for e in entries],
+            [e.arrived_ms for e in entries],
             signals,
             self.settings,
         )

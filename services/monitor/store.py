@@ -69,6 +69,11 @@ class LogEntry:
     confidence: float | None
     at_ms: int
 
+    @property
+    def arrived_ms(self) -> int:
+        """When the monitor accepted it: the log's stream id is the arrival time."""
+        return int(self.entry_id.split("-")[0])
+
     def fields(self) -> list[Any]:
         return [
             "r",

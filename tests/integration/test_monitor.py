@@ -184,6 +184,17 @@ def wait_seen(monitor, count: int, timeout_s: float = 60) -> monitor_pb2.DriftSt
     )
 
 
+def assert_within_two_windows(event, switch: int, ref_id: str, kind: str) -> None:
+    """The event ends with one of the first two windows after the switch (an adult window
+    before it may by chance be drifted too: the test's false-alarm rate is about p per window,
+    which the steady-stream test measures)."""
+    indexes = [w.index for w in event.windows]
+    assert indexes[-1] in (switch, switch + 1), indexes
+    assert len(indexes) == 2 and indexes == list(range(indexes[0], indexes[0] + 2))
+    assert all(w.drift for w in event.windows)
+    assert event.idempotency_key == f"{ref_id}:{kind}:{indexes[0]}"
+
+
 def feed(monitor, traffic: Traffic, *segments: list[str]) -> None:
     """Sends each segment once the monitor has taken the previous one: records spread over the
     topic's partitions arrive in partition order, not send order, and a segment boundary must
@@ -295,13 +306,10 @@ def test_questions_without_documents_raise_a_knowledge_gap(
     (event,) = new
     assert event.WhichOneof("kind") == "knowledge_gap"
     gap = event.knowledge_gap
-    # The switch is at window first + 2; the event comes with the second drifted window.
-    assert [w.index for w in gap.windows] == [first + 2, first + 3]
-    assert gap.idempotency_key == f"{ref_id}:knowledge_gap:{first + 2}"
+    assert_within_two_windows(gap, first + 2, ref_id, "knowledge_gap")
     assert gap.poorly_retrieved_share >= 0.5
     child_questions = {corpus[p]["QUESTION"] for p in child}
     assert gap.example_questions and set(gap.example_questions) <= child_questions
-    assert not any(w.drift for w in windows_from(monitor, first)[:2])
     on_topic = read_events(
         traffic.settings,
         traffic.settings.topic_knowledge_gaps,
@@ -345,23 +353,21 @@ def test_a_mesh_group_switch_requests_retraining_then_cools_down(
     assert len(new) == 1, [e.WhichOneof("kind") for e in new]
     assert new[0].WhichOneof("kind") == "retrain_requested"
     retrain = new[0].retrain_requested
-    assert [w.index for w in retrain.windows] == [first + 2, first + 3]
-    assert retrain.idempotency_key == f"{ref_id}:retrain:{first + 2}"
+    assert_within_two_windows(retrain, first + 2, ref_id, "retrain")
     assert retrain.poorly_retrieved_share < 0.5 and retrain.live_adapter
     assert retrain.from_ms <= retrain.to_ms and retrain.example_questions
     assert all(w.drift for w in retrain.windows) and retrain.windows[0].drifted_topics
     windows = windows_from(monitor, first)
-    assert not any(w.drift for w in windows[:2])
-    # Windows 4 and 5 drifted too, but fall in the cooldown: no second event.
+    # The paediatric windows after the event drifted too, but fall in the cooldown.
     assert sum(w.drift for w in windows[4:6]) >= 1
-    assert status(monitor).cooldown_until == first + 3 + 1 + 8
+    assert status(monitor).cooldown_until == retrain.windows[-1].index + 1 + 8
     on_topic = read_events(
         traffic.settings,
         traffic.settings.topic_retrain,
         events_pb2.RetrainRequested,
         lambda r: r.idempotency_key == retrain.idempotency_key,
     )
-    assert [w.index for w in on_topic.windows] == [first + 2, first + 3]
+    assert [w.index for w in on_topic.windows] == [w.index for w in retrain.windows]
 
     # The CLI shows it: status, events, and the report plot.
     assert cli_main(["drift", "events", "--json"]) == 0
@@ -470,9 +476,9 @@ def test_a_restarted_monitor_resumes_its_windows_and_streak(
         monitor, [corpus[p]["QUESTION"] for p in adult[:100]], "adult-only items"
     )
     first, seen, before = next_window(monitor), status(monitor).questions_seen, len(events(monitor))
-    # One adult window, one paediatric window (drifted: streak 1), and 16 questions pending.
-    feed(monitor, traffic, adult[100:132], child[:48])
-    wait_for(lambda: len(windows_from(monitor, first)) >= 2, 30, "2 windows")
+    # One paediatric window (drifted: streak 1), and 16 questions pending.
+    feed(monitor, traffic, child[:48])
+    wait_for(lambda: len(windows_from(monitor, first)) >= 1, 30, "a window")
     s = status(monitor)
     assert s.pending == 16 and s.streak == 1 and len(events(monitor)) == before
 
@@ -482,14 +488,14 @@ def test_a_restarted_monitor_resumes_its_windows_and_streak(
     stack.start_service("monitor")
     stack.wait_serving(["monitor"], timeout_s=120)
 
-    s = wait_seen(monitor, seen + 96)
-    windows = wait_for(lambda: len(w := windows_from(monitor, first)) >= 3 and w, 60, "window 3")
-    assert [w.index for w in windows] == [first, first + 1, first + 2]
-    assert s.questions_seen == seen + 96, "redelivered records were not counted twice"
+    s = wait_seen(monitor, seen + 64)
+    windows = wait_for(lambda: len(w := windows_from(monitor, first)) >= 2 and w, 60, "window 2")
+    assert [w.index for w in windows] == [first, first + 1]
+    assert s.questions_seen == seen + 64, "redelivered records were not counted twice"
     new = events(monitor)[: len(events(monitor)) - before]
     # The streak survived the restart: the drifted windows before and after it make one event.
     assert len(new) == 1 and new[0].WhichOneof("kind") == "retrain_requested"
-    assert [w.index for w in new[0].retrain_requested.windows] == [first + 1, first + 2]
+    assert [w.index for w in new[0].retrain_requested.windows] == [first, first + 1]
     assert new[0].retrain_requested.reference_id == ref_id
     assert status(monitor).pending == 0
     assert status(monitor).reference.id == ref_id
