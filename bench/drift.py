@@ -20,12 +20,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from services.common.embedding import Embedder
 from services.common.settings import REPO_ROOT
 from services.monitor.drift import Reference, mmd2_permutation_test
+from services.monitor.policy import DriftPolicy
+from services.monitor.settings import MonitorSettings
+from services.monitor.windowing import build_reference, compute_window, policy_config
 
 ANCHORS = REPO_ROOT / "bench" / ".venv-anchors" / "bin" / "python"
 
@@ -55,11 +60,6 @@ def mesh_switch(data: Path, trials: int) -> dict[str, object]:
     PubMedQA questions: a reference of 100 adult-only questions, then 64 more adult-only
     questions and 64 paediatric ones; per random split, the delay from the switch to the first
     drifted window and to the event (K consecutive windows), and false alarms before it."""
-    from services.common.embedding import Embedder
-    from services.monitor.policy import DriftPolicy
-    from services.monitor.settings import MonitorSettings
-    from services.monitor.windowing import build_reference, compute_window, policy_config
-
     items = json.loads(data.read_text())
     adult = [
         v["QUESTION"]
@@ -73,9 +73,8 @@ def mesh_switch(data: Path, trials: int) -> dict[str, object]:
     ]
     settings = MonitorSettings()
     size = settings.monitor_window
-    embedder = Embedder.from_settings(settings)
-    vectors = dict(zip(adult + child, embedder.embed(adult + child), strict=True))
-    first_drift, event_delay, false_alarms, window_s = [], [], 0, []
+    vectors = embed_questions(items, settings)
+    first_drift, event_delay, false_alarms, false_events, window_s = [], [], 0, 0, []
     for trial in range(trials):
         rng = np.random.default_rng(trial)
         a = [adult[i] for i in rng.permutation(len(adult))]
@@ -108,7 +107,10 @@ def mesh_switch(data: Path, trials: int) -> dict[str, object]:
                 false_alarms += 1
             if window.drift and after_switch >= 0 and drifted is None:
                 drifted = after_switch + 1
-            if policy.observe(result) is not None and after_switch >= 0 and event is None:
+            decided = policy.observe(result) is not None
+            if decided and after_switch < 0:
+                false_events += 1
+            if decided and after_switch >= 0 and event is None:
                 event = after_switch + 1
         first_drift.append(drifted)
         event_delay.append(event)
@@ -129,7 +131,55 @@ def mesh_switch(data: Path, trials: int) -> dict[str, object]:
         ),
         "false_alarm_windows_before_switch": false_alarms,
         "windows_before_switch": 2 * trials,
+        "false_events_before_switch": false_events,
         "median_window_compute_s": round(statistics.median(window_s), 5),
+        "steady": steady(items, vectors, settings, trials),
+    }
+
+
+def embed_questions(items: dict[str, Any], settings: MonitorSettings) -> dict[str, np.ndarray]:
+    texts = [v["QUESTION"] for v in items.values()]
+    return dict(zip(texts, Embedder.from_settings(settings).embed(texts), strict=True))
+
+
+def steady(
+    items: dict[str, Any], vectors: dict[str, np.ndarray], settings: MonitorSettings, trials: int
+) -> dict[str, object]:
+    """No drift: per random split, a reference of 180 questions and the other 320 as 10 windows
+    of 32 (what the integration test does once); false-alarm windows and false events."""
+    texts = [v["QUESTION"] for v in items.values()]
+    size = settings.monitor_window
+    flagged, events, total = 0, 0, 0
+    for trial in range(trials):
+        order = np.random.default_rng(1000 + trial).permutation(len(texts))
+        ref_texts = [texts[i] for i in order[:180]]
+        stream = [texts[i] for i in order[180:]]
+        ref_id, ref = build_reference(
+            np.stack([vectors[t] for t in ref_texts]), ref_texts, settings
+        )  # type: ignore[arg-type]
+        policy = DriftPolicy(policy_config(settings), ref_id)  # type: ignore[arg-type]
+        for index in range(len(stream) // size):
+            chunk = stream[index * size : (index + 1) * size]
+            window, result = compute_window(
+                ref,
+                ref_id,
+                index,
+                chunk,
+                np.stack([vectors[t] for t in chunk]),
+                [None] * size,
+                [None] * size,
+                list(range(size)),
+                {},
+                settings,  # type: ignore[arg-type]
+            )
+            total += 1
+            flagged += window.drift
+            events += policy.observe(result) is not None
+    return {
+        "trials": trials,
+        "windows": total,
+        "false_alarm_rate": round(flagged / total, 4),
+        "false_events": events,
     }
 
 
