@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from knowstream.events.v1 import events_pb2
@@ -17,12 +18,13 @@ def plot(
     title: str = "",
 ) -> None:
     """Writes a PNG with four panels (p-value, MMD², KL, answer-side shares) over the window
-    index; drifted windows are shaded and each decision is a vertical line at the window that
-    triggered it."""
+    index; drifted windows are shaded, each decision is a vertical line at the window that
+    triggered it, and a dotted line marks where the reference changed."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not windows:
         raise ValueError("no windows to plot yet")
@@ -31,7 +33,7 @@ def plot(
     ax_p, ax_mmd, ax_kl, ax_answer = axes
 
     ax_p.semilogy(x, [max(w.p_value, 1e-3) for w in windows], "o-", ms=3, label="p-value")
-    ax_p.axhline(settings.p_value, color="red", ls="--", lw=1, label=f"p < {settings.p_value}")
+    ax_p.axhline(settings.p_value, color="red", ls="--", lw=1, label=f"p < {settings.p_value:g}")
     ax_p.set_ylabel("MMD p-value")
 
     ax_mmd.plot(x, [w.mmd2 for w in windows], "o-", ms=3, color="tab:purple", label="MMD²")
@@ -75,7 +77,13 @@ def plot(
         at = max((w.index for w in getattr(event, kind).windows), default=None)
         if at is not None and at in shown:
             marks.append((at, kind))
+    # Where the reference changed, windows before and after are not comparable.
+    changes = [
+        b.index - 0.5 for a, b in itertools.pairwise(windows) if a.reference_id != b.reference_id
+    ]
     for ax in axes:
+        for at in changes:
+            ax.axvline(at, color="grey", ls=":", lw=1.2)
         for w in windows:
             if w.drift:
                 ax.axvspan(w.index - 0.5, w.index + 0.5, color="orange", alpha=0.2, lw=0)
@@ -91,6 +99,18 @@ def plot(
             ha="right",
             fontsize=8,
         )
+    for at in changes:
+        ax_p.annotate(
+            "new reference",
+            (at, 0.02),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="bottom",
+            ha="right",
+            fontsize=7,
+            color="grey",
+        )
+    ax_answer.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
