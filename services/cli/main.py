@@ -15,6 +15,7 @@ from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from services.cli.drift import add_commands as add_drift_commands
+from services.cli.evaluate import add_commands as add_eval_commands
 from services.cli.serving import add_commands as add_serving_commands
 from services.common.clients import sync_channel
 from services.common.settings import CommonSettings
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_search)
     add_serving_commands(sub)
     add_drift_commands(sub)
+    add_eval_commands(sub)
     p = sub.add_parser("status", help="components, health and index size")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)

@@ -1,4 +1,5 @@
-"""Redis key names that more than one service reads (the contract between them)."""
+"""Names more than one service relies on (the contract between them): Redis keys, and the
+caller id of evaluation traffic."""
 
 from __future__ import annotations
 
@@ -13,3 +14,7 @@ def adapter_questions_key(prefix: str, adapter_id: str) -> str:
     """Training questions of an adapter (a list); written by the trainer, read by the monitor
     when the reference is "the live adapter's training data"."""
     return f"{prefix}:adapter:{adapter_id}:questions"
+
+
+# Callers named so are evaluation runs, not users: the drift monitor leaves their questions out.
+EVAL_CALLER = "knowstream-eval"

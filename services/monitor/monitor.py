@@ -82,9 +82,12 @@ class Monitor:
     # -- input ------------------------------------------------------------------------------
     async def accept_inference(self, value: bytes | None) -> bool:
         """Validates an inference event and appends its question to the log (False: a
-        duplicate). Raises BadEvent for what belongs in the dead-letter topic."""
+        duplicate, evaluation traffic, or a request without retrieval, which has no query
+        embedding). Raises BadEvent for what belongs in the dead-letter topic."""
         dimension = self.reference.dimension if self.reference else None
         event = parse_inference(value, self.settings.embed_model, dimension)
+        if event is None or event.caller in self.settings.monitor_ignore_callers:
+            return False
         entry = LogEntry(
             entry_id="",
             request_id=event.request_id,

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.common.keys import EVAL_CALLER
 from services.common.settings import CommonSettings
 
 
@@ -47,6 +48,8 @@ class MonitorSettings(CommonSettings):
     monitor_history: int = Field(1000, ge=10)
     # How long an event id is remembered for de-duplication (at-least-once delivery).
     monitor_dedup_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    # Callers whose questions are not user traffic (evaluation runs): left out of the windows.
+    monitor_ignore_callers: list[str] = Field(default_factory=lambda: [EVAL_CALLER])
     monitor_group: str = "ks-monitor"
     monitor_stream_batch: int = Field(64, ge=1)
     monitor_stream_wait_s: float = Field(0.2, ge=0)

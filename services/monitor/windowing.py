@@ -42,12 +42,14 @@ def parse_event(value: bytes | None, cls: type[M]) -> M:
 
 def parse_inference(
     value: bytes | None, embedding_model: str, dimension: int | None
-) -> events_pb2.InferenceEvent:
+) -> events_pb2.InferenceEvent | None:
+    """The event, None when it has no query embedding (a request without retrieval: valid, but
+    nothing the monitor can compare), or BadEvent."""
     event = parse_event(value, events_pb2.InferenceEvent)
     if not event.question.strip():
         raise BadEvent("InferenceEvent without a question")
     if not event.query_embedding:
-        raise BadEvent("InferenceEvent without a query embedding")
+        return None
     if event.embedding_model != embedding_model:
         raise BadEvent(
             f"query embedding from model {event.embedding_model!r}; the monitor compares "

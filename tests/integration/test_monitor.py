@@ -381,9 +381,9 @@ def test_malformed_events_go_to_the_dead_letter_topics(monitor, traffic, corpus)
     s = traffic.settings
     before = status(monitor)
     good = traffic.event(next(iter(corpus.values()))["QUESTION"])
-    no_embedding = events_pb2.InferenceEvent()
-    no_embedding.CopyFrom(good)
-    del no_embedding.query_embedding[:]
+    not_finite = events_pb2.InferenceEvent()
+    not_finite.CopyFrom(good)
+    not_finite.query_embedding[3] = float("inf")
     short = events_pb2.InferenceEvent()
     short.CopyFrom(good)
     del short.query_embedding[100:]
@@ -392,7 +392,7 @@ def test_malformed_events_go_to_the_dead_letter_topics(monitor, traffic, corpus)
     other_model.embedding_model = "bge-m3"
     bad = {
         "garbage": b"\x00not a protobuf\xff",
-        "no-embedding": no_embedding.SerializeToString(),
+        "not-finite": not_finite.SerializeToString(),
         "short": short.SerializeToString(),
         "other-model": other_model.SerializeToString(),
     }
@@ -417,7 +417,7 @@ def test_malformed_events_go_to_the_dead_letter_topics(monitor, traffic, corpus)
         assert letter.consumer == "monitor" and letter.source_topic == s.topic_inference
         reasons[name] = letter.reason
     assert "InferenceEvent" in reasons["garbage"]
-    assert "query embedding" in reasons["no-embedding"]
+    assert "non-finite" in reasons["not-finite"]
     assert "100 dimensions" in reasons["short"]
     assert "bge-m3" in reasons["other-model"]
     letter = read_events(

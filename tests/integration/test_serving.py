@@ -156,6 +156,47 @@ def test_score_mode_and_cli_json(stack, indexed, capsys):
     assert last["adapter"] and 0 < last["confidence"] <= 1
 
 
+def test_eval_pubmedqa_cli_and_the_monitor_ignores_it(stack, infer, pubmedqa, tmp_path, capsys):
+    from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
+
+    monitor = monitor_pb2_grpc.MonitorServiceStub(
+        sync_channel(stack.settings.address(stack.settings.monitor_port))
+    )
+
+    def seen() -> int:
+        request = monitor_pb2.GetDriftStatusRequest(windows=1)
+        return monitor.GetDriftStatus(request, timeout=10).questions_seen
+
+    before = seen()
+    subset = tmp_path / "subset.json"
+    subset.write_text(json.dumps(dict(list(pubmedqa.items())[40:46])))
+    assert cli_main(["eval", "pubmedqa", "--data", str(subset), "--adapter", "base", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 6 and 0 <= result["accuracy"] <= 1 and result["retrieval"]
+    assert set(result["per_label"]) == {"yes", "no", "maybe"} and 0 <= result["macro_f1"] <= 1
+    assert result["retrieval_recall@5"] >= 0.8  # each question's own abstract, ingested first
+    assert sum(result["predicted"].values()) == 6
+    code = cli_main(["eval", "pubmedqa", "--data", str(subset), "--no-retrieval", "--json"])
+    assert code == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plain["retrieval_recall@5"] is None and plain["n"] == 6
+    # Evaluation traffic is not user traffic: the monitor leaves it out. One user question
+    # after it is counted.
+    infer.Ask(
+        infer_pb2.AskRequest(
+            question=pubmedqa[next(iter(pubmedqa))]["QUESTION"], candidates=YES_NO_MAYBE
+        ),
+        timeout=60,
+    )
+    wait_for(lambda: seen() >= before + 1, 30, "the user question to reach the monitor")
+    time.sleep(2)
+    assert seen() == before + 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"1": {"QUESTION": "q?", "final_decision": "perhaps"}}))
+    assert cli_main(["eval", "pubmedqa", "--data", str(bad), "--json"]) == 2
+    assert "perhaps" in capsys.readouterr().err
+
+
 def test_stream_sends_the_answer_piece_by_piece(infer):
     request = infer_pb2.AskRequest(
         question="Name three symptoms of the flu.",

@@ -1,0 +1,140 @@
+"""``knowstream eval pubmedqa``: accuracy of an adapter on PubMedQA-format questions, through the
+infer service in score mode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
+from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
+from services.cli.rpc import rpc_failed
+from services.common.clients import sync_channel
+from services.common.keys import EVAL_CALLER
+from services.common.settings import CommonSettings
+from services.trainer.evaluation import LABELS, Answer, Item, evaluate, load_items
+
+
+def ensure_ingested(
+    data: dict, ingest: ingest_pb2_grpc.IngestServiceStub, retrieve, timeout_s: float
+) -> int:  # type: ignore[type-arg]
+    """Ingests the file's abstracts (a no-op for those already indexed with the same content)
+    and waits until the new ones are searchable; returns how many were new."""
+    from services.cli.main import pubmedqa_document
+
+    docs = [pubmedqa_document(k, v) for k, v in data.items()]
+    reply = ingest.IngestDocumentStream(iter(docs), timeout=max(60.0, timeout_s))
+    if reply.rejected:
+        bad = [r for r in reply.results if r.error][:3]
+        raise ValueError(f"{reply.rejected} abstracts were rejected: {bad}")
+    new = [r.id for r in reply.results if r.status == ingest_pb2.INGEST_STATUS_ACCEPTED]
+    waiting = set(new)
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        for doc_id in list(waiting):
+            hits = retrieve.Search(
+                retrieve_pb2.SearchRequest(
+                    query=data[doc_id]["QUESTION"],
+                    k=1,
+                    filters=retrieve_pb2.SearchFilters(doc_ids=[doc_id]),
+                ),
+                timeout=10,
+            ).hits
+            if hits:
+                waiting.discard(doc_id)
+        if waiting and time.monotonic() > deadline:
+            raise TimeoutError(f"{len(waiting)} abstracts not searchable after {timeout_s:.0f}s")
+        if waiting:
+            time.sleep(1)
+    return len(new)
+
+
+def cmd_eval_pubmedqa(args: argparse.Namespace, settings: CommonSettings) -> int:
+    try:
+        data = json.loads(Path(args.data).read_text())
+        items = load_items(data)
+    except (OSError, ValueError) as exc:
+        print(f"eval: {args.data}: {exc}", file=sys.stderr)
+        return 2
+    if args.limit:
+        items = items[: args.limit]
+    infer = infer_pb2_grpc.InferServiceStub(sync_channel(settings.address(settings.infer_port)))
+    retrieve = retrieve_pb2_grpc.RetrieveServiceStub(
+        sync_channel(settings.address(settings.retrieve_port))
+    )
+    retrieval = not args.no_retrieval
+    try:
+        if retrieval:
+            ingest = ingest_pb2_grpc.IngestServiceStub(
+                sync_channel(settings.address(settings.ingest_port))
+            )
+            new = ensure_ingested(data, ingest, retrieve, args.ingest_timeout)
+            print(f"ingested {new} new abstracts", file=sys.stderr)
+
+        def ask(item: Item) -> Answer:
+            reply = infer.Ask(
+                infer_pb2.AskRequest(
+                    question=item.question,
+                    candidates=list(LABELS),
+                    adapter=args.adapter,
+                    no_retrieval=not retrieval,
+                    k=args.k,
+                    caller=EVAL_CALLER,
+                ),
+                timeout=args.timeout,
+            )
+            return Answer(reply.answer, reply.confidence, [c.doc_id for c in reply.citations])
+
+        def search(item: Item) -> list[str]:
+            reply = retrieve.Search(
+                retrieve_pb2.SearchRequest(query=item.question, k=5), timeout=10
+            )
+            return [h.doc_id for h in reply.hits]
+
+        def progress(done: int) -> None:
+            if not args.json and (done % 25 == 0 or done == len(items)):
+                print(f"\r{done}/{len(items)} answered", end="", file=sys.stderr, flush=True)
+
+        started = time.monotonic()
+        result = evaluate(
+            items,
+            ask,
+            search if retrieval else None,
+            concurrency=args.concurrency,
+            progress=progress,
+        )
+    except grpc.RpcError as exc:
+        return rpc_failed("eval", exc)
+    except (ValueError, TimeoutError) as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(file=sys.stderr)
+    result["adapter"] = args.adapter
+    result["retrieval"] = retrieval
+    result["seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(result))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("eval", help="evaluate an adapter")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    a = kinds.add_parser(
+        "pubmedqa", help="yes/no/maybe accuracy on a PubMedQA-format file (score mode)"
+    )
+    a.add_argument("--data", required=True, help="PubMedQA JSON ({pmid: {QUESTION, ...}})")
+    a.add_argument("--adapter", default="live", help="adapter id or alias (default: live)")
+    a.add_argument("--no-retrieval", action="store_true", help="answer without evidence")
+    a.add_argument("-k", type=int, default=0, help="passages per question (0: service default)")
+    a.add_argument("--concurrency", type=int, default=8, help="questions in flight")
+    a.add_argument("--limit", type=int, default=0, help="only the first N items")
+    a.add_argument("--ingest-timeout", type=float, default=600)
+    a.add_argument("--json", action="store_true", help="no progress; the last line is JSON")
+    a.set_defaults(func=cmd_eval_pubmedqa)
