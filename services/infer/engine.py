@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from services.infer.chat import encode_prompt
 from services.infer.llm import ADAPTER_ID, BASE, EngineError, LLMRequest, LLMResult
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ class LLMEngine:
         self.loaded: OrderedDict[str, float] = OrderedDict()  # adapter id -> last use (LRU)
         self.stop_ids = self._stop_token_ids()
         self.pad_id = next(iter(self.stop_ids)) if self.stop_ids else 0
-        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
     # -- adapters ---------------------------------------------------------------------------
     def load_adapter(self, adapter_id: str, pinned: frozenset[str] = frozenset()) -> float:
@@ -177,17 +177,7 @@ class LLMEngine:
             raise EngineError("empty candidate answer")
 
     def encode_prompt(self, request: LLMRequest) -> list[int]:
-        if request.raw_prompt or not self.has_chat_template:
-            text = (request.system + "\n\n" if request.system else "") + request.prompt
-            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-        messages = [{"role": "system", "content": request.system}] if request.system else []
-        messages.append({"role": "user", "content": request.prompt})
-        encoded: Any = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        if hasattr(encoded, "keys"):  # newer transformers return a BatchEncoding
-            encoded = encoded["input_ids"]
-        return [int(t) for t in encoded]
+        return encode_prompt(self.tokenizer, request.system, request.prompt, request.raw_prompt)
 
     def _stop_token_ids(self) -> set[int]:
         ids: set[int] = set()
