@@ -18,7 +18,7 @@ help:
 	@echo "make lint    ruff + ruff format --check + mypy"
 	@echo "make bench   run the benchmarks against the running stack"
 
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-source.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
@@ -26,6 +26,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps -r requirements-nodeps.txt
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation --no-deps -r requirements-source.txt
 	$(PIP) install --no-deps -e .
 	# Generated protobuf modules live in $(GEN) (not committed); make them importable.
 	echo "$(CURDIR)/$(GEN)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/knowstream-gen.pth

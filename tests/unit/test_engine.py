@@ -8,33 +8,8 @@ import pytest
 import torch
 
 from services.common.adapters import create_random_adapter, store_adapter
-from services.common.models import resolve_llm_dir
-from services.common.settings import CommonSettings
 from services.infer.engine import LLMEngine
 from services.infer.llm import LLMRequest
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    source = resolve_llm_dir("SmolLM2-135M-Instruct", CommonSettings().cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    out = tmp_path_factory.mktemp("tiny-llm")
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

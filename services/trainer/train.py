@@ -1,0 +1,419 @@
+"""One LoRA training run, meant to run in a child process of the trainer service:
+
+    python -m services.trainer.train JOB_DIR
+
+``JOB_DIR/config.json`` holds a :class:`TrainConfig`; the dataset is ``JOB_DIR/dataset.json``.
+Progress goes to stdout as JSON lines (``{"event": "progress", "step", "steps", "loss",
+"tokens_per_s", "eta_s"}``, then ``{"event": "done", ...}``), which the service turns into
+Kafka events. Checkpoints go to ``JOB_DIR/checkpoints``; a run started again on the same job
+directory resumes from the last one (same data order, the remaining steps only). The adapter is
+written to ``JOB_DIR/adapter`` (peft format: adapter_config.json + adapter_model.safetensors).
+
+Two backends with the same data, model and loop: ``deepspeed`` (ZeRO stage 2, gradient
+accumulation, bf16 where the CPU/GPU has it; ``DS_ACCELERATOR=cpu`` here, the deepspeed launcher
+with several GPUs in production) and ``torch`` (a plain torch + peft loop, the benchmark's
+baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    model_dir: str
+    backend: Literal["deepspeed", "torch"] = "deepspeed"
+    # An adapter directory to start from (the parent); empty = a new LoRA.
+    parent_adapter: str = ""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    epochs: float = 1.0
+    micro_batch: int = 4
+    grad_accum: int = 2
+    learning_rate: float = 2e-4
+    warmup_steps: int = 5
+    max_tokens: int = 512
+    zero_stage: int = 2
+    # None = bf16 where the hardware has native support.
+    bf16: bool | None = None
+    checkpoint_every: int = 20
+    # EWC: penalty λ·Σ F·(θ - θ_parent)² on the LoRA weights, F from squared gradients on the
+    # replayed examples (needs a parent adapter; 0 = off).
+    ewc_lambda: float = 0.0
+    seed: int = 0
+    threads: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+
+def _stdout_emit(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def native_bf16() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    from services.common.embedding import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+def batches(
+    encoded: list[tuple[list[int], list[int]]],
+    micro_batch: int,
+    pad_id: int,
+    seed: int,
+    epochs: float,
+) -> Iterator[tuple[Any, Any, Any, int]]:
+    """Micro-batches in a fixed order (seeded shuffle per epoch), right-padded; yields
+    (input_ids, attention_mask, labels, real tokens)."""
+    import torch
+
+    total = max(1, math.ceil(len(encoded) * epochs / micro_batch))
+    order: list[int] = []
+    epoch = 0
+    while len(order) < total * micro_batch:
+        idx = list(range(len(encoded)))
+        random.Random(seed * 1000 + epoch).shuffle(idx)
+        order += idx
+        epoch += 1
+    for b in range(total):
+        rows = [encoded[i] for i in order[b * micro_batch : (b + 1) * micro_batch]]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (ids, lab) in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            labels[r, : len(lab)] = torch.tensor(lab)
+            mask[r, : len(ids)] = 1
+        yield input_ids, mask, labels, int(mask.sum())
+
+
+def micro_batch_count(examples: int, micro_batch: int, epochs: float) -> int:
+    return max(1, math.ceil(examples * epochs / micro_batch))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_model(config: TrainConfig) -> tuple[Any, Any]:
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(config.seed)
+    base = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32)
+    if config.parent_adapter:
+        model = PeftModel.from_pretrained(base, config.parent_adapter, is_trainable=True)
+    else:
+        model = get_peft_model(
+            base,
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=config.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model, tokenizer
+
+
+def run(job_dir: Path, emit: Emit = _stdout_emit) -> dict[str, Any]:
+    """Trains (or resumes) the job in ``job_dir``; returns the final summary."""
+    import torch
+
+    from services.trainer.data import Dataset, tokenize
+
+    config = TrainConfig.load(job_dir / "config.json")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dataset = Dataset.from_json(json.loads((job_dir / "dataset.json").read_text()))
+    model, tokenizer = build_model(config)
+    encoded = [tokenize(e, tokenizer, config.max_tokens) for e in dataset.train]
+    if not encoded:
+        raise ValueError("the dataset has no training examples")
+    micro_batches = micro_batch_count(len(encoded), config.micro_batch, config.epochs)
+    steps = max(1, micro_batches // config.grad_accum)
+    bf16 = native_bf16() if config.bf16 is None else config.bf16
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ewc = _ewc_terms(model, tokenizer, dataset, config) if config.ewc_lambda else None
+    ckpt_dir = job_dir / "checkpoints"
+    trainer: _Backend = (
+        _DeepSpeed(model, trainable, config, steps, bf16, ckpt_dir)
+        if config.backend == "deepspeed"
+        else _Torch(model, trainable, config, steps, bf16, ckpt_dir)
+    )
+    done_micro = trainer.resume()
+    if done_micro:
+        emit({"event": "resumed", "step": done_micro // config.grad_accum, "steps": steps})
+    started = time.perf_counter()
+    tokens = 0
+    losses: list[float] = []
+    model.train()
+    for i, (input_ids, mask, labels, real) in enumerate(
+        batches(encoded, config.micro_batch, tokenizer.pad_token_id, config.seed, config.epochs)
+    ):
+        if i < done_micro:
+            continue  # done before the checkpoint this run resumed from
+        if i >= steps * config.grad_accum:
+            break
+        with torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=bf16 and not torch.cuda.is_available()
+        ):
+            loss = trainer.forward(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        if ewc is not None:
+            loss = loss + ewc(model)
+        trainer.backward_step(loss)
+        tokens += real
+        losses.append(float(loss.detach()))
+        if (i + 1) % config.grad_accum == 0:
+            step = (i + 1) // config.grad_accum
+            elapsed = time.perf_counter() - started
+            rate = tokens / elapsed if elapsed else 0.0
+            remaining = (steps - step) * elapsed / max(1, step - done_micro // config.grad_accum)
+            emit(
+                {
+                    "event": "progress",
+                    "step": step,
+                    "steps": steps,
+                    "loss": round(sum(losses[-config.grad_accum :]) / config.grad_accum, 5),
+                    "tokens_per_s": round(rate, 1),
+                    "eta_s": round(remaining, 1),
+                }
+            )
+            if step % config.checkpoint_every == 0 and step < steps:
+                trainer.save(i + 1)
+    elapsed = time.perf_counter() - started
+    adapter_dir = job_dir / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    summary = {
+        "event": "done",
+        "adapter_dir": str(adapter_dir),
+        "steps": steps,
+        "examples": len(encoded),
+        "train_tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(tokens / elapsed, 1) if elapsed else 0.0,
+        "final_loss": round(sum(losses[-5:]) / max(1, len(losses[-5:])), 5) if losses else None,
+        "backend": config.backend,
+        "bf16": bf16,
+    }
+    emit(summary)
+    return summary
+
+
+class _Backend:
+    def forward(self, **inputs: Any) -> Any:
+        raise NotImplementedError
+
+    def resume(self) -> int:
+        raise NotImplementedError
+
+    def backward_step(self, loss: Any) -> None:
+        raise NotImplementedError
+
+    def save(self, micro_batches_done: int) -> None:
+        raise NotImplementedError
+
+
+class _DeepSpeed(_Backend):
+    def __init__(
+        self, model: Any, params: list[Any], config: TrainConfig, steps: int, bf16: bool, ckpt: Path
+    ):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        import torch
+
+        # A single-process "world" unless the deepspeed launcher set one up.
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+        scheduler = _warmup(optimizer, config.warmup_steps)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": config.micro_batch,
+            "gradient_accumulation_steps": config.grad_accum,
+            "zero_optimization": {"stage": config.zero_stage},
+            "bf16": {"enabled": bool(bf16 and torch.cuda.is_available())},
+            "gradient_clipping": 1.0,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.ckpt = ckpt
+        self.grad_accum = config.grad_accum
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.engine(**inputs)
+
+    def resume(self) -> int:
+        if not (self.ckpt / "latest").exists():
+            return 0
+        _, client = self.engine.load_checkpoint(str(self.ckpt))
+        return int((client or {}).get("micro_batches_done", 0))
+
+    def backward_step(self, loss: Any) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def save(self, micro_batches_done: int) -> None:
+        self.engine.save_checkpoint(
+            str(self.ckpt), client_state={"micro_batches_done": micro_batches_done}
+        )
+
+
+class _Torch(_Backend):
+    def __init__(
+        self, model: Any, params: list[Any], config: TrainConfig, steps: int, bf16: bool, ckpt: Path
+    ):
+        import torch
+
+        self.model = model
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+        self.scheduler = _warmup(self.optimizer, config.warmup_steps)
+        self.grad_accum = config.grad_accum
+        self.micro = 0
+        self.ckpt = ckpt / "torch.pt"
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.model(**inputs)
+
+    def resume(self) -> int:
+        import torch
+
+        if not self.ckpt.exists():
+            return 0
+        state = torch.load(self.ckpt, weights_only=False)
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        for name, value in state["params"].items():
+            trainable[name].data.copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = int(state["micro_batches_done"])
+        return self.micro
+
+    def backward_step(self, loss: Any) -> None:
+        import torch
+
+        (loss / self.grad_accum).backward()
+        self.micro += 1
+        if self.micro % self.grad_accum == 0:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, micro_batches_done: int) -> None:
+        import torch
+
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        trainable = {
+            n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+        }
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(
+            {
+                "params": trainable,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "micro_batches_done": micro_batches_done,
+            },
+            tmp,
+        )
+        tmp.replace(self.ckpt)  # a kill mid-save leaves the previous checkpoint whole
+
+
+def _warmup(optimizer: Any, warmup_steps: int) -> Any:
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+    )
+
+
+def _ewc_terms(
+    model: Any, tokenizer: Any, dataset: Any, config: TrainConfig
+) -> Callable[[Any], Any] | None:
+    """Elastic weight consolidation around the parent adapter's weights, with the diagonal
+    Fisher information estimated on replayed examples (those that are not new data)."""
+    import torch
+
+    from services.trainer.data import tokenize
+
+    if not config.parent_adapter:
+        return None
+    anchors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    fisher = {n: torch.zeros_like(p) for n, p in anchors.items()}
+    replayed = [e for e in dataset.train if e.id in set(dataset.provenance.get("replay_ids", []))]
+    sample = (replayed or dataset.train)[:32]
+    params = dict(model.named_parameters())
+    for example in sample:
+        ids, labels = tokenize(example, tokenizer, config.max_tokens)
+        model.zero_grad()
+        out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+        out.loss.backward()
+        for n in fisher:
+            grad = params[n].grad
+            if grad is not None:
+                fisher[n] += grad.detach() ** 2 / len(sample)
+    model.zero_grad()
+
+    def penalty(m: Any) -> Any:
+        total = 0.0
+        named = dict(m.named_parameters())
+        for n, f in fisher.items():
+            total = total + (f * (named[n] - anchors[n]) ** 2).sum()
+        return config.ewc_lambda * total
+
+    return penalty
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print("usage: python -m services.trainer.train JOB_DIR", file=sys.stderr)
+        return 2
+    run(Path(sys.argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
