@@ -1,0 +1,125 @@
+"""Training benchmarks: the DeepSpeed path against a plain torch + peft loop on the same model and
+data (alternating runs, medians), and the wall time of one run on 400 PubMedQA items.
+
+    .venv/bin/python -m bench.training --json [--sections speed,full] [--items 48]
+
+Each run is the trainer's own child process (services/trainer/train.py) on SmolLM2-135M-Instruct
+(KS_LLM_MODEL), with the item's abstract as its context passage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from services.common.models import resolve_llm_dir
+from services.common.settings import REPO_ROOT, CommonSettings
+from services.infer.prompts import Passage
+from services.trainer.data import assemble, qa_example
+from services.trainer.evaluation import Item, load_items
+from services.trainer.train import TrainConfig
+
+DATA = REPO_ROOT.parent / "shared" / "data" / "pubmedqa" / "labeled.json"
+
+
+def passages(item: Item) -> list[Passage]:
+    return [Passage(item.id, f"{item.id}#0", "", "\n".join(item.contexts))]
+
+
+def run_job(job: Path, items: list[Item], config: TrainConfig) -> dict[str, Any]:
+    job.mkdir(parents=True, exist_ok=True)
+    dataset = assemble([qa_example(i, passages(i)) for i in items], eval_share=0.0)
+    (job / "dataset.json").write_text(json.dumps(dataset.to_json()))
+    config.save(job / "config.json")
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(CommonSettings().cache_dir / "torch_extensions"),
+    }
+    started = time.perf_counter()
+    reply = subprocess.run(
+        [sys.executable, "-m", "services.trainer.train", str(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    wall = time.perf_counter() - started
+    if reply.returncode != 0:
+        print(reply.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"training run failed ({config.backend})")
+    done = json.loads(reply.stdout.strip().splitlines()[-1])
+    done["wall_s"] = round(wall, 1)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.training")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--sections", default="speed,full")
+    parser.add_argument("--items", type=int, default=48, help="items per speed run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per backend (alternating)")
+    parser.add_argument("--full-items", type=int, default=400)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    settings = CommonSettings()
+    model_dir = str(resolve_llm_dir(settings.llm_model, settings.cache_dir))
+    items = load_items(json.loads(args.data.read_text()))
+    sections = set(args.sections.split(","))
+    out: dict[str, Any] = {"model": settings.llm_model}
+
+    def config(backend: str) -> TrainConfig:
+        return TrainConfig(
+            model_dir=model_dir,
+            backend=backend,  # type: ignore[arg-type]
+            epochs=1,
+            micro_batch=4,
+            grad_accum=2,
+            max_tokens=512,
+            checkpoint_every=10**6,
+        )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if "speed" in sections:
+            rates: dict[str, list[float]] = {"deepspeed": [], "torch": []}
+            for r in range(args.repeats):
+                for backend in ("deepspeed", "torch"):
+                    done = run_job(
+                        Path(tmp) / f"{backend}-{r}", items[: args.items], config(backend)
+                    )
+                    rates[backend].append(done["tokens_per_s"])
+                    print(f"{backend} run {r}: {done['tokens_per_s']} tokens/s", file=sys.stderr)
+            ds, plain = statistics.median(rates["deepspeed"]), statistics.median(rates["torch"])
+            out["speed"] = {
+                "items": args.items,
+                "runs": rates,
+                "deepspeed_tokens_per_s": ds,
+                "torch_tokens_per_s": plain,
+                "ratio_deepspeed_to_torch": round(ds / plain, 3),
+            }
+        if "full" in sections:
+            done = run_job(Path(tmp) / "full", items[: args.full_items], config("deepspeed"))
+            out["full"] = {
+                "items": args.full_items,
+                "wall_s": done["wall_s"],
+                "train_seconds": done["seconds"],
+                "steps": done["steps"],
+                "train_tokens": done["train_tokens"],
+                "tokens_per_s": done["tokens_per_s"],
+                "final_loss": done["final_loss"],
+                "bf16": done["bf16"],
+            }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
