@@ -89,20 +89,29 @@ def batches(
     seed: int,
     epochs: float,
 ) -> Iterator[tuple[Any, Any, Any, int]]:
-    """Micro-batches in a fixed order (seeded shuffle per epoch), right-padded; yields
-    (input_ids, attention_mask, labels, real tokens)."""
+    """Micro-batches in a fixed order, right-padded; yields (input_ids, attention_mask, labels,
+    real tokens). Per epoch: a seeded shuffle, then examples of similar length grouped into the
+    same micro-batch (within windows of 16 micro-batches, whose order is shuffled again), which
+    cuts the padding the model computes on without making the order depend on length alone."""
     import torch
 
     total = max(1, math.ceil(len(encoded) * epochs / micro_batch))
-    order: list[int] = []
+    groups: list[list[int]] = []
     epoch = 0
-    while len(order) < total * micro_batch:
+    while len(groups) * micro_batch < total * micro_batch:
+        rng = random.Random(seed * 1000 + epoch)
         idx = list(range(len(encoded)))
-        random.Random(seed * 1000 + epoch).shuffle(idx)
-        order += idx
+        rng.shuffle(idx)
+        window = micro_batch * 16
+        epoch_groups = []
+        for w in range(0, len(idx), window):
+            part = sorted(idx[w : w + window], key=lambda i: -len(encoded[i][0]))
+            epoch_groups += [part[g : g + micro_batch] for g in range(0, len(part), micro_batch)]
+        rng.shuffle(epoch_groups)
+        groups += epoch_groups
         epoch += 1
     for b in range(total):
-        rows = [encoded[i] for i in order[b * micro_batch : (b + 1) * micro_batch]]
+        rows = [encoded[i] for i in groups[b]]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
