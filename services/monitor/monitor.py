@@ -293,10 +293,14 @@ class Monitor:
                     for e in entries
                     if e.top_score is not None and e.top_score < self.settings.monitor_gap_score
                 ]
+                # The evidence may all be in earlier windows of the streak: then the gap has no
+                # questions to follow (it is reported, not tracked).
                 gap = new_gap(
                     decision.idempotency_key,
                     [e.question for e in poor],
-                    np.stack([e.embedding for e in poor]),
+                    np.stack([e.embedding for e in poor])
+                    if poor
+                    else np.zeros((0, ref.reference.embeddings.shape[1]), np.float32),
                     [e.top_score or 0.0 for e in poor],
                     int(time.time() * 1000),
                 )

@@ -139,7 +139,8 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                 gap_share=s.monitor_gap_share,
             ),
             questions_seen=state.questions,
-            pending=await self.monitor.store.pending(state.cursor, s.monitor_log_max),
+            # Normally under one window; capped so a status never reads a large backlog.
+            pending=await self.monitor.store.pending(state.cursor, 4 * s.monitor_window),
             windows=windows,
             streak=len(policy.get("streak", [])),
             cooldown_until=int(policy.get("cooldown_until", -1)),

@@ -221,3 +221,10 @@ def test_ingested_chunks_close_a_knowledge_gap():
     assert gap_covered_share(gap, 0.5) == 0.5
     assert cover_gap(gap, questions[1:2], 0.5, 0.5, 4) and gap["closed_ms"] == 4
     assert not cover_gap(gap, questions, 0.5, 0.5, 5), "a closed gap stays closed"
+
+
+def test_a_gap_without_questions_in_the_last_window_is_reported_not_tracked():
+    gap = new_gap("k", [], np.zeros((0, 16), np.float32), [], 1)
+    assert gap_covered_share(gap, 0.5) == 0.0
+    assert not cover_gap(gap, unit(np.random.default_rng(0), 3), 0.5, 0.5, 2)
+    assert gap["closed_ms"] == 0
