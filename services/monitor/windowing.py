@@ -215,45 +215,30 @@ def decision_event(
     terms = list(dict.fromkeys(t for w in windows for d in w.drifted_topics for t in d.terms))[:8]
     where = f" (growing topics: {', '.join(terms)})" if terms else ""
     poor = decision.poorly_retrieved_share
+    drifted = f"{len(windows)} consecutive windows drifted from reference {reference_id}{where}"
+    common: dict[str, Any] = dict(
+        header=new_header("monitor"),
+        idempotency_key=decision.idempotency_key,
+        reference_id=reference_id,
+        windows=windows,
+        example_questions=decision.examples,
+        poorly_retrieved_share=poor,
+        from_ms=from_ms,
+        to_ms=to_ms,
+    )
     if decision.kind == "knowledge_gap":
         reason = (
-            f"{len(windows)} consecutive windows drifted from reference {reference_id}{where}; "
-            f"{poor:.0%} of their questions found no passage scoring ≥ {settings.monitor_gap_score}"
-            f": the documents are missing, ingest them ({evidence})"
+            f"{drifted}; {poor:.0%} of their questions found no passage scoring ≥ "
+            f"{settings.monitor_gap_score}: the documents are missing, ingest them ({evidence})"
         )
-        return events_pb2.DriftEvent(
-            knowledge_gap=events_pb2.KnowledgeGap(
-                header=new_header("monitor"),
-                idempotency_key=decision.idempotency_key,
-                reference_id=reference_id,
-                reason=reason,
-                windows=windows,
-                example_questions=decision.examples,
-                poorly_retrieved_share=poor,
-                gap_score=settings.monitor_gap_score,
-                from_ms=from_ms,
-                to_ms=to_ms,
-            )
-        )
+        gap = events_pb2.KnowledgeGap(reason=reason, gap_score=settings.monitor_gap_score, **common)
+        return events_pb2.DriftEvent(knowledge_gap=gap)
     reason = (
-        f"{len(windows)} consecutive windows drifted from reference {reference_id}{where}; "
-        f"retrieval still finds passages for {1 - poor:.0%} of their questions: the model should "
-        f"adapt to them ({evidence})"
+        f"{drifted}; retrieval still finds passages for {1 - poor:.0%} of their questions: the "
+        f"model should adapt to them ({evidence})"
     )
-    return events_pb2.DriftEvent(
-        retrain_requested=events_pb2.RetrainRequested(
-            header=new_header("monitor"),
-            idempotency_key=decision.idempotency_key,
-            reference_id=reference_id,
-            reason=reason,
-            windows=windows,
-            example_questions=decision.examples,
-            live_adapter=live_adapter,
-            from_ms=from_ms,
-            to_ms=to_ms,
-            poorly_retrieved_share=poor,
-        )
-    )
+    retrain = events_pb2.RetrainRequested(reason=reason, live_adapter=live_adapter, **common)
+    return events_pb2.DriftEvent(retrain_requested=retrain)
 
 
 def new_gap(
