@@ -31,6 +31,7 @@ from services.monitor.drift import Reference, mmd2_permutation_test
 from services.monitor.policy import DriftPolicy
 from services.monitor.settings import MonitorSettings
 from services.monitor.windowing import build_reference, compute_window, policy_config
+from services.trainer.evaluation import mesh_groups
 
 ANCHORS = REPO_ROOT / "bench" / ".venv-anchors" / "bin" / "python"
 
@@ -52,25 +53,15 @@ def make_data(seed: int, no_drift: int, shifted: int) -> tuple[np.ndarray, np.nd
     return reference, np.asarray(windows, dtype=np.float32), kinds
 
 
-KIDS = {"Child", "Infant", "Adolescent", "Child, Preschool", "Infant, Newborn"}
-
-
 def mesh_switch(data: Path, trials: int) -> dict[str, object]:
     """The monitor's own window computation and policy (default settings, window 32) on
     PubMedQA questions: a reference of 100 adult-only questions, then 64 more adult-only
     questions and 64 paediatric ones; per random split, the delay from the switch to the first
     drifted window and to the event (K consecutive windows), and false alarms before it."""
     items = json.loads(data.read_text())
-    adult = [
-        v["QUESTION"]
-        for v in items.values()
-        if "Adult" in v["MESHES"] and not KIDS & set(v["MESHES"])
-    ]
-    child = [
-        v["QUESTION"]
-        for v in items.values()
-        if "Adult" not in v["MESHES"] and KIDS & set(v["MESHES"])
-    ]
+    adult_ids, child_ids = mesh_groups(items)
+    adult = [items[k]["QUESTION"] for k in adult_ids]
+    child = [items[k]["QUESTION"] for k in child_ids]
     settings = MonitorSettings()
     size = settings.monitor_window
     vectors = embed_questions(items, settings)

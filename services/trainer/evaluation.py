@@ -113,3 +113,19 @@ def evaluate(
     out["retrieval_recall@5"] = round(sum(found) / len(found), 4) if found else None
     out["predicted"] = {label: sum(a.label == label for a, _ in results) for label in LABELS}
     return out
+
+
+PAEDIATRIC = {"Child", "Infant", "Adolescent", "Child, Preschool", "Infant, Newborn"}
+
+
+def mesh_groups(data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Ids of adult-only and paediatric-only items of a PubMedQA-format file (by MeSH terms), in
+    file order: two question populations the drift tests and benchmark switch between."""
+    adult, child = [], []
+    for key, item in data.items():
+        meshes = set(item.get("MESHES", []))
+        if "Adult" in meshes and not PAEDIATRIC & meshes:
+            adult.append(key)
+        elif "Adult" not in meshes and PAEDIATRIC & meshes:
+            child.append(key)
+    return adult, child

@@ -30,11 +30,11 @@ from services.cli.main import main as cli_main
 from services.cli.main import pubmedqa_document
 from services.common.clients import sync_channel
 from services.common.kafka import new_header
+from services.trainer.evaluation import mesh_groups
 from tests.integration.conftest import read_events, wait_for
 
 pytestmark = pytest.mark.integration
 
-KIDS = {"Child", "Infant", "Adolescent", "Child, Preschool", "Infant, Newborn"}
 WINDOW = 32  # the default window
 
 
@@ -60,12 +60,7 @@ def ingest(stack):
 @pytest.fixture(scope="module")
 def groups(pubmedqa):
     """PMIDs of adult-only and paediatric-only items (175 and 61), shuffled."""
-    adult = [
-        k for k, v in pubmedqa.items() if "Adult" in v["MESHES"] and not KIDS & set(v["MESHES"])
-    ]
-    child = [
-        k for k, v in pubmedqa.items() if "Adult" not in v["MESHES"] and KIDS & set(v["MESHES"])
-    ]
+    adult, child = mesh_groups(pubmedqa)
     random.Random(0).shuffle(adult)
     random.Random(0).shuffle(child)
     return adult, child

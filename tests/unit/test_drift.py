@@ -92,18 +92,11 @@ def test_replay_detects_a_switch_between_mesh_groups(pubmedqa, tmp_path, capsys)
     import random
 
     from services.cli.main import main
+    from services.trainer.evaluation import mesh_groups
 
-    kids = {"Child", "Infant", "Adolescent", "Child, Preschool", "Infant, Newborn"}
-    adult = [
-        v["QUESTION"]
-        for v in pubmedqa.values()
-        if "Adult" in v["MESHES"] and not kids & set(v["MESHES"])
-    ]
-    child = [
-        v["QUESTION"]
-        for v in pubmedqa.values()
-        if "Adult" not in v["MESHES"] and kids & set(v["MESHES"])
-    ]
+    adult_ids, child_ids = mesh_groups(pubmedqa)
+    adult = [pubmedqa[k]["QUESTION"] for k in adult_ids]
+    child = [pubmedqa[k]["QUESTION"] for k in child_ids]
     random.Random(0).shuffle(adult)
     reference, stream = adult[:100], adult[100:164] + child[:64]
 
