@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from services.common.settings import REPO_ROOT, CommonSettings
 from services.infer.prompts import Passage
 from services.trainer.data import assemble, qa_example
 from services.trainer.evaluation import Item, load_items
-from services.trainer.train import TrainConfig
+from services.trainer.train import TrainConfig, child_env
 
 DATA = REPO_ROOT.parent / "shared" / "data" / "pubmedqa" / "labeled.json"
 
@@ -39,11 +38,7 @@ def run_job(job: Path, items: list[Item], config: TrainConfig) -> dict[str, Any]
     dataset = assemble([qa_example(i, passages(i)) for i in items], eval_share=0.0)
     (job / "dataset.json").write_text(json.dumps(dataset.to_json()))
     config.save(job / "config.json")
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(CommonSettings().cache_dir / "torch_extensions"),
-    }
+    env = child_env(CommonSettings().cache_dir)
     started = time.perf_counter()
     reply = subprocess.run(
         [sys.executable, "-m", "services.trainer.train", str(job)],

@@ -64,6 +64,7 @@ class Stack:
         self.run_dir = Path(run_dir or self.env.get("KS_RUN_DIR") or REPO_ROOT / ".run").resolve()
         # Triton's model and the infer service must agree on where adapters are stored.
         self.env.setdefault("KS_ADAPTER_DIR", str(self.run_dir / "adapters"))
+        self.env.setdefault("KS_TRAINER_DIR", str(self.run_dir / "trainer"))
         self.settings = _settings_from(self.env)
         self.state_file = self.run_dir / "stack.json"
         self.components: dict[str, Component] = {}
@@ -124,6 +125,7 @@ class Stack:
             "ingest",
             "infer",
             "monitor",
+            "trainer",
         ]
 
     def service_port(self, name: str) -> int:

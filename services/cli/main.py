@@ -14,9 +14,11 @@ from knowstream.events.v1 import events_pb2
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
+from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.cli.drift import add_commands as add_drift_commands
 from services.cli.evaluate import add_commands as add_eval_commands
 from services.cli.serving import add_commands as add_serving_commands
+from services.cli.train import add_commands as add_train_commands
 from services.common.clients import sync_channel
 from services.common.settings import CommonSettings
 
@@ -197,8 +199,30 @@ def cmd_status(args: argparse.Namespace, settings: CommonSettings) -> int:
             "events": drift.events,
             "open_gaps": sum(1 for g in drift.gaps if not g.closed_ms),
         }
+    training = None
+    try:
+        trainer = trainer_pb2_grpc.TrainerServiceStub(
+            sync_channel(settings.address(settings.trainer_port))
+        )
+        jobs = trainer.ListJobs(trainer_pb2.ListJobsRequest(limit=1), timeout=3).jobs
+        policy = trainer.GetPolicy(trainer_pb2.GetPolicyRequest(), timeout=3)
+        last_job = jobs[0] if jobs else None
+        training = {
+            "policy": policy.mode,
+            "watching": policy.watching or None,
+            "shadow_pairs": policy.pairs,
+            "last_job": last_job.id if last_job else None,
+            "last_job_state": last_job.state if last_job else None,
+            "last_job_step": f"{last_job.step}/{last_job.steps}" if last_job else None,
+            "last_adapter": (last_job.adapter_id or None) if last_job else None,
+            "last_rollout": (last_job.rollout or None) if last_job else None,
+        }
+    except grpc.RpcError:
+        pass
     if args.json:
         out: dict[str, object] = {"components": rows}
+        if training is not None:
+            out["training"] = training
         if drift_summary is not None:
             out["drift"] = drift_summary
         if stats is not None:
@@ -230,6 +254,21 @@ def cmd_status(args: argparse.Namespace, settings: CommonSettings) -> int:
                 f"drift: reference {d['reference'] or 'none yet'}, {d['questions_seen']} "
                 f"questions, {window}, {d['events']} events, {d['open_gaps']} open knowledge gaps"
             )
+        if training is not None:
+            t = training
+            job = (
+                f"last job {t['last_job']} {t['last_job_state']} (step {t['last_job_step']})"
+                + (f", adapter {t['last_adapter']}" if t["last_adapter"] else "")
+                + (f", rollout {t['last_rollout']}" if t["last_rollout"] else "")
+                if t["last_job"]
+                else "no job yet"
+            )
+            watching = (
+                f", watching {t['watching']} ({t['shadow_pairs']} shadow pairs)"
+                if t["watching"]
+                else ""
+            )
+            print(f"training: policy {t['policy']}{watching}; {job}")
     return 0 if all(r["state"] in ("UP", "SERVING") for r in rows) else 3
 
 
@@ -253,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     add_serving_commands(sub)
     add_drift_commands(sub)
     add_eval_commands(sub)
+    add_train_commands(sub)
     p = sub.add_parser("status", help="components, health and index size")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)

@@ -15,6 +15,7 @@ import grpc
 from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2
 from services.cli.rpc import rpc_failed
+from services.cli.train import add_policy_command
 from services.common.clients import sync_channel
 from services.common.settings import CommonSettings
 
@@ -164,6 +165,40 @@ def _print_rollout(r: infer_pb2.RolloutState, as_json: bool) -> None:
     print(f"rollout version {r.version}; rollback history: {', '.join(r.history) or 'empty'}")
 
 
+def print_lineage(
+    admin: infer_pb2_grpc.AdapterAdminServiceStub, status: infer_pb2.AdapterStatus, t: float
+) -> None:
+    """The chain of parents down to the base model, one line each: how it was made."""
+    print("\nlineage (newest first):")
+    seen: set[str] = set()
+    current: infer_pb2.AdapterStatus | None = status
+    while current is not None and current.id not in seen:
+        seen.add(current.id)
+        lineage = json.loads(current.lineage_json or "{}")
+        gate = lineage.get("gate", {})
+        facts = [current.source or "-", _when(current.created_at_ms)]
+        if lineage.get("trigger"):
+            facts.append(f"trigger {lineage['trigger']}")
+        if lineage.get("dataset_hash"):
+            facts.append(f"dataset {lineage['dataset_hash']}")
+        if gate:
+            facts.append(
+                f"gate accuracy {gate.get('accuracy', 0):.3f} vs live "
+                f"{gate.get('live_accuracy', 0):.3f}, forgetting "
+                f"{gate.get('forgetting_pct', 0):+.2f}%"
+            )
+        print(f"  {current.id}  " + "; ".join(facts))
+        parent = current.parent
+        if not parent or parent == "base":
+            print("  base")
+            return
+        try:
+            current = admin.GetAdapter(infer_pb2.GetAdapterRequest(adapter=parent), timeout=t)
+        except grpc.RpcError:
+            print(f"  {parent}  (no longer registered)")
+            return
+
+
 def cmd_adapters(args: argparse.Namespace, settings: CommonSettings) -> int:
     admin = _admin(settings)
     t = args.timeout
@@ -190,7 +225,11 @@ def cmd_adapters(args: argparse.Namespace, settings: CommonSettings) -> int:
             _print_rollout(reply.rollout, False)
         elif args.action == "show":
             status = admin.GetAdapter(infer_pb2.GetAdapterRequest(adapter=args.adapter), timeout=t)
-            print(json.dumps(_adapter_dict(status), indent=None if args.json else 2))
+            if args.json:
+                print(json.dumps(_adapter_dict(status)))
+            else:
+                print(json.dumps(_adapter_dict(status), indent=2))
+                print_lineage(admin, status, t)
         elif args.action == "register":
             status = admin.RegisterAdapter(
                 infer_pb2.RegisterAdapterRequest(
@@ -298,3 +337,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     a.add_argument("--json", action="store_true")
     for action_parser in acts.choices.values():
         action_parser.set_defaults(func=cmd_adapters)
+    add_policy_command(acts)

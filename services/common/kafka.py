@@ -12,11 +12,12 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from google.protobuf.message import Message
 
 from knowstream.events.v1 import events_pb2
 from services.common.metrics import DEAD_LETTERS, EVENTS_PRODUCED
@@ -53,6 +54,25 @@ def check_header(header: events_pb2.EventHeader, what: str) -> None:
             f"{what}: unsupported schema_version {header.schema_version} "
             f"(this consumer reads {SCHEMA_VERSION})"
         )
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse_event(value: bytes | None, cls: type[M]) -> M:
+    """Decodes a record and checks its header, or raises :class:`BadEvent` with the reason."""
+    name = cls.DESCRIPTOR.name
+    if not value:
+        raise BadEvent("empty record value")
+    event = cls()
+    try:
+        event.ParseFromString(value)
+    except Exception as exc:  # protobuf raises DecodeError and, for some inputs, others
+        raise BadEvent(f"not a {name} protobuf: {exc}") from exc
+    if not event.HasField("header"):  # type: ignore[arg-type]
+        raise BadEvent(f"{name} without a header")
+    check_header(event.header, name)  # type: ignore[attr-defined]
+    return event
 
 
 def parse_knowledge_event(value: bytes | None) -> events_pb2.KnowledgeEvent:
@@ -139,8 +159,18 @@ def drift_topics(settings: CommonSettings) -> dict[str, int]:
     }
 
 
+def training_topics(settings: CommonSettings) -> dict[str, int]:
+    """The trainer's events: one partition, so a job's events stay in order."""
+    return {settings.topic_training: 1}
+
+
 def all_topics(settings: CommonSettings) -> dict[str, int]:
-    return knowledge_topics(settings) | serving_topics(settings) | drift_topics(settings)
+    return (
+        knowledge_topics(settings)
+        | serving_topics(settings)
+        | drift_topics(settings)
+        | training_topics(settings)
+    )
 
 
 async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 30) -> list[str]:

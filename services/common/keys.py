@@ -16,5 +16,11 @@ def adapter_questions_key(prefix: str, adapter_id: str) -> str:
     return f"{prefix}:adapter:{adapter_id}:questions"
 
 
+def request_key(prefix: str, request_id: str) -> str:
+    """The question of an answered request (expires); written by infer, read by infer when
+    feedback on the request arrives."""
+    return f"{prefix}:request:{request_id}"
+
+
 # Callers named so are evaluation runs, not users: the drift monitor leaves their questions out.
 EVAL_CALLER = "knowstream-eval"

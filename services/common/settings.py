@@ -29,6 +29,7 @@ class CommonSettings(BaseSettings):
     retrieve_port: int = 50053
     infer_port: int = 50054
     monitor_port: int = 50055
+    trainer_port: int = 50056
     # Triton's own endpoints (started by the stack; the infer service talks gRPC to it).
     triton_grpc_port: int = 8001
     triton_http_port: int = 8000
@@ -38,6 +39,7 @@ class CommonSettings(BaseSettings):
     embed_host: str = ""
     retrieve_host: str = ""
     triton_host: str = ""
+    infer_host: str = ""
     # Name of the LLM in Triton's model repository (deploy/triton).
     triton_model: str = "llm"
 
@@ -53,6 +55,8 @@ class CommonSettings(BaseSettings):
     topic_drift_windows: str = "ks.drift.windows"
     topic_retrain: str = "ks.retrain"
     topic_knowledge_gaps: str = "ks.knowledge.gaps"
+    # Trainer: job progress, gate results and rollout decisions.
+    topic_training: str = "ks.training"
     # Every topic that can receive bad data has "<topic><suffix>" as its dead-letter topic.
     dlq_suffix: str = ".dlq"
     topic_partitions: int = Field(4, ge=1, le=256)
@@ -97,7 +101,8 @@ class CommonSettings(BaseSettings):
         return f"{self.host}:{port}"
 
     def endpoint(self, service: str) -> str:
-        """Address of another service (embed, retrieve, triton) for a client in a service."""
+        """Address of another service (embed, retrieve, infer, triton) for a client in a
+        service."""
         port = getattr(self, "triton_grpc_port" if service == "triton" else f"{service}_port")
         return f"{getattr(self, f'{service}_host') or self.host}:{port}"
 

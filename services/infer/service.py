@@ -37,9 +37,10 @@ from services.common.adapters import (
 from services.common.clients import channel, is_serving
 from services.common.grpcserver import GrpcApp, service_app
 from services.common.kafka import make_producer, new_header
+from services.common.keys import request_key
 from services.common.metrics import EVENTS_PRODUCED
 from services.common.net import kafka_alive
-from services.common.redisutil import connect, ping
+from services.common.redisutil import connect, ping, text
 from services.infer.llm import LLMRequest, softmax
 from services.infer.prompts import TEMPLATES, Passage, build_prompt, referenced_numbers
 from services.infer.routing import Route, agreement, route
@@ -317,7 +318,24 @@ class Answerer:
             mirrored=mirrored,
         )
         self.events.publish(self.settings.topic_inference, request_id, event)
+        self._spawn(self.remember(request_id, request.question))
         return Answer(response, event)
+
+    async def remember(self, request_id: str, question: str) -> None:
+        """Keeps the question of a request for a while, so feedback on it (which names only the
+        request id) can carry the question to the trainer."""
+        try:
+            await self.registry.redis.set(
+                request_key(self.settings.redis_prefix, request_id),
+                question,
+                ex=self.settings.infer_request_ttl_s,
+            )
+        except Exception as exc:  # an answer never fails for this
+            log.warning("could not record request %s: %s", request_id, exc)
+
+    async def question_of(self, request_id: str) -> str:
+        raw = await self.registry.redis.get(request_key(self.settings.redis_prefix, request_id))
+        return text(raw) if raw else ""
 
     async def _generate(
         self,
@@ -475,6 +493,7 @@ class InferServicer(infer_pb2_grpc.InferServiceServicer):
             correction=request.correction,
             comment=request.comment,
             caller=request.caller,
+            question=await self.answerer.question_of(request.request_id),
         )
         self.answerer.events.publish(self.settings.topic_feedback, request.request_id, event)
         return infer_pb2.FeedbackResponse(event_id=event.header.event_id)
@@ -640,6 +659,7 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
 
     async def SetRollout(self, request, context):  # type: ignore[no-untyped-def]
         mode = request.mode or "off"
+        previous = await self.registry.rollout()
         if mode not in MODES:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"mode must be one of {', '.join(MODES)}"
@@ -659,7 +679,11 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
         except RolloutError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         r = await self.registry.rollout()
-        self._event("candidate", adapter_id, r)
+        if mode == "off" and previous.candidate and request.reason:
+            # A candidate turned off with a reason (the rollout policy, or a person) is retired.
+            self._event("retired", previous.candidate, r, request.reason)
+        else:
+            self._event("candidate", adapter_id, r, request.reason)
         return _rollout_proto(r)
 
     async def Promote(self, request, context):  # type: ignore[no-untyped-def]

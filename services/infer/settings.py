@@ -36,3 +36,6 @@ class InferSettings(CommonSettings):
     infer_max_shadow_inflight: int = Field(4, ge=0)
     # Triton priority of mirrored calls (1 = highest; the model config has 2 levels).
     infer_shadow_priority: int = Field(2, ge=1, le=2)
+    # How long a request's question is kept for feedback on it (corrections become training
+    # data only with their question).
+    infer_request_ttl_s: int = Field(7 * 24 * 3600, ge=60)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from knowstream.events.v1 import events_pb2
-from services.common.kafka import BadEvent, parse_knowledge_event
+from services.common.kafka import BadEvent, parse_event, parse_knowledge_event
 from services.monitor.drift import Reference
 from services.monitor.policy import DriftPolicy, PolicyState
 from services.monitor.settings import MonitorSettings
@@ -29,7 +29,6 @@ from services.monitor.windowing import (
     cover_gap,
     decision_event,
     new_gap,
-    parse_event,
     parse_inference,
     policy_config,
     top_dense_score,

@@ -8,36 +8,17 @@ import base64
 import hashlib
 import math
 import time
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from google.protobuf import json_format
-from google.protobuf.message import Message
 
 from knowstream.events.v1 import events_pb2
-from services.common.kafka import BadEvent, check_header, new_header
+from services.common.kafka import BadEvent, new_header, parse_event
 from services.monitor.drift import Reference, WindowStats, window_stats
 from services.monitor.policy import Decision, PolicyConfig, WindowResult
 from services.monitor.settings import MonitorSettings
-
-M = TypeVar("M", bound=Message)
-
-
-def parse_event(value: bytes | None, cls: type[M]) -> M:
-    """Decodes a record and checks its header, or raises :class:`BadEvent` with the reason."""
-    name = cls.DESCRIPTOR.name
-    if not value:
-        raise BadEvent("empty record value")
-    event = cls()
-    try:
-        event.ParseFromString(value)
-    except Exception as exc:  # protobuf raises DecodeError and, for some inputs, others
-        raise BadEvent(f"not a {name} protobuf: {exc}") from exc
-    if not event.HasField("header"):  # type: ignore[arg-type]
-        raise BadEvent(f"{name} without a header")
-    check_header(event.header, name)  # type: ignore[attr-defined]
-    return event
 
 
 def parse_inference(

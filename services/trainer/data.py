@@ -31,6 +31,8 @@ class Example:
     system: str
     prompt: str  # the user turn; empty for documents
     target: str  # the assistant's reply, or the document text
+    # The question asked (qa and corrections): what the monitor compares live questions with.
+    question: str = ""
 
     @property
     def content_key(self) -> str:
@@ -48,15 +50,21 @@ def qa_example(
     target = item.label
     if with_reason and item.long_answer:
         target = f"{item.label}. {item.long_answer}"
-    return Example(f"qa:{item.id}", "qa", prompt.system, prompt.user, target)
+    return Example(f"qa:{item.id}", "qa", prompt.system, prompt.user, target, item.question)
 
 
 def correction_example(
-    request_id: str, question: str, correction: str, passages: list[Passage]
+    request_id: str,
+    question: str,
+    correction: str,
+    passages: list[Passage],
+    max_context_chars: int = 4000,
 ) -> Example:
     """A user's corrected answer to a question, as an instruction example."""
-    prompt = build_prompt(question, passages)
-    return Example(f"feedback:{request_id}", "correction", prompt.system, prompt.user, correction)
+    prompt = build_prompt(question, passages, max_context_chars=max_context_chars)
+    return Example(
+        f"feedback:{request_id}", "correction", prompt.system, prompt.user, correction, question
+    )
 
 
 def document_example(doc_id: str, text: str) -> Example:

@@ -59,6 +59,8 @@ class TrainConfig:
     ewc_lambda: float = 0.0
     seed: int = 0
     threads: int = 0
+    # Tokens of general English to measure forgetting on after training (0 = skip).
+    general_tokens: int = 0
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
@@ -66,6 +68,14 @@ class TrainConfig:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
+
+
+def child_env(cache_dir: Path) -> dict[str, str]:
+    """Environment of a training process: DeepSpeed on CPU unless a GPU is there, and its
+    compiled ops cached with the project's other derived artefacts."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache_dir / "torch_extensions")}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
 
 
 def _stdout_emit(event: dict[str, Any]) -> None:
@@ -227,6 +237,16 @@ def run(job_dir: Path, emit: Emit = _stdout_emit) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     adapter_dir = job_dir / "adapter"
     model.save_pretrained(str(adapter_dir))
+    general: dict[str, Any] = {}
+    if config.general_tokens:
+        t = time.perf_counter()
+        base_ppl, ppl = general_perplexity(model, tokenizer, config.general_tokens, bf16)
+        general = {
+            "base_perplexity": round(base_ppl, 4),
+            "perplexity": round(ppl, 4),
+            "general_tokens": config.general_tokens,
+            "general_seconds": round(time.perf_counter() - t, 2),
+        }
     summary = {
         "event": "done",
         "adapter_dir": str(adapter_dir),
@@ -238,9 +258,43 @@ def run(job_dir: Path, emit: Emit = _stdout_emit) -> dict[str, Any]:
         "final_loss": round(sum(losses[-5:]) / max(1, len(losses[-5:])), 5) if losses else None,
         "backend": config.backend,
         "bf16": bf16,
+        **general,
     }
     emit(summary)
     return summary
+
+
+def general_text() -> str:
+    """General English that ships with Python itself (pydoc's help topics: prose about the
+    language, the same on every machine with this Python), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def general_perplexity(model: Any, tokenizer: Any, tokens: int, bf16: bool) -> tuple[float, float]:
+    """Perplexity of the base model (adapter disabled) and of the model with its adapter on the
+    first ``tokens`` tokens of :func:`general_text`, in blocks of 256."""
+    import torch
+
+    ids = tokenizer(general_text(), add_special_tokens=False)["input_ids"][:tokens]
+    block = 256
+    rows = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
+    batch = torch.tensor(rows, device=next(model.parameters()).device)
+    cpu = batch.device.type == "cpu"
+    model.eval()
+
+    def nll() -> float:
+        total = 0.0
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and cpu):
+            for i in range(0, len(rows), 4):
+                chunk = batch[i : i + 4]
+                total += float(model(input_ids=chunk, labels=chunk).loss) * len(chunk)
+        return total / len(rows)
+
+    with model.disable_adapter():
+        base = nll()
+    return math.exp(base), math.exp(nll())
 
 
 class _Backend:

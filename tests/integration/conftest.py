@@ -32,6 +32,7 @@ def stack(tmp_path_factory):
         "KS_RETRIEVE_PORT": str(free_port()),
         "KS_INFER_PORT": str(free_port()),
         "KS_MONITOR_PORT": str(free_port()),
+        "KS_TRAINER_PORT": str(free_port()),
         "KS_TRITON_GRPC_PORT": str(free_port()),
         "KS_TRITON_HTTP_PORT": str(free_port()),
         "KS_TRITON_METRICS_PORT": str(free_port()),

@@ -1,0 +1,5 @@
+import asyncio
+
+from services.trainer.service import main
+
+asyncio.run(main())

@@ -1,0 +1,157 @@
+"""A job's dataset from its sources: labelled questions with the passages the retrieve service
+finds for them (so training sees what serving will show), passages retrieved for the domain
+questions of a retrain request (continued-pretraining text), users' corrections, and a replay
+sample of the parent adapter's training data.
+
+Retrieval comes in as a function, so this runs against the live retrieve service or a fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.infer.prompts import Passage
+from services.trainer.data import (
+    Dataset,
+    Example,
+    assemble,
+    correction_example,
+    document_example,
+    qa_example,
+)
+from services.trainer.evaluation import Item, load_items
+from services.trainer.store import Correction
+
+Search = Callable[[str, int], Awaitable[list[Passage]]]
+
+
+@dataclass
+class Sources:
+    labelled_path: str = ""
+    limit: int = 0
+    # Domain questions (a retrain request's examples): their passages become documents.
+    questions: list[str] = field(default_factory=list)
+    corrections: list[Correction] = field(default_factory=list)
+    parent_dataset: Dataset | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    k: int  # passages per question, as the infer service retrieves
+    max_context_chars: int
+    domain_k: int
+    max_documents: int
+    replay_share: float
+    eval_share: float
+    seed: int
+    concurrency: int
+
+
+def read_labelled(path: str, limit: int = 0) -> tuple[list[Item], str]:
+    """Items of a PubMedQA-format file and the file's sha256 (16 hex); ValueError naming the
+    problem when it cannot be used."""
+    try:
+        raw = Path(path).read_bytes()
+        items = load_items(json.loads(raw))
+    except OSError as exc:
+        raise ValueError(f"labelled data {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"labelled data {path}: {exc}") from exc
+    return (items[:limit] if limit else items), hashlib.sha256(raw).hexdigest()[:16]
+
+
+async def gather_limited(coros: list[Callable[[], Awaitable[Any]]], concurrency: int) -> list[Any]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(make: Callable[[], Awaitable[Any]]) -> Any:
+        async with gate:
+            return await make()
+
+    return list(await asyncio.gather(*(one(c) for c in coros)))
+
+
+async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dataset:
+    provenance: dict[str, Any] = {}
+    items: list[Item] = []
+    if sources.labelled_path:
+        items, digest = read_labelled(sources.labelled_path, sources.limit)
+        provenance["labelled"] = {
+            "path": sources.labelled_path,
+            "sha256": digest,
+            "items": len(items),
+        }
+
+    def retrieve(question: str, k: int) -> Callable[[], Awaitable[list[Passage]]]:
+        return lambda: search(question, k)
+
+    # Labelled questions: the retrieved passages, or the item's own abstract when the knowledge
+    # base does not hold it (counted: such a prompt differs from what serving would build).
+    found = await gather_limited(
+        [retrieve(i.question, recipe.k) for i in items], recipe.concurrency
+    )
+    examples: list[Example] = []
+    fallback = 0
+    for item, passages in zip(items, found, strict=True):
+        if not passages and item.contexts:
+            fallback += 1
+            passages = [Passage(item.id, "", "", " ".join(item.contexts))]
+        examples.append(qa_example(item, passages, recipe.max_context_chars))
+    provenance["context_fallback"] = fallback
+
+    corrections = sources.corrections
+    found = await gather_limited(
+        [retrieve(c.question, recipe.k) for c in corrections], recipe.concurrency
+    )
+    for c, passages in zip(corrections, found, strict=True):
+        examples.append(
+            correction_example(
+                c.request_id, c.question, c.correction, passages, recipe.max_context_chars
+            )
+        )
+    if corrections:
+        provenance["corrections"] = {
+            "count": len(corrections),
+            "offsets": offset_ranges(corrections),
+        }
+
+    documents: dict[str, Example] = {}
+    if recipe.domain_k and sources.questions:
+        found = await gather_limited(
+            [retrieve(q, recipe.domain_k) for q in sources.questions], recipe.concurrency
+        )
+        for passages in found:
+            for p in passages:
+                key = p.chunk_id or p.doc_id
+                if len(documents) < recipe.max_documents and key not in documents:
+                    documents[key] = document_example(key, f"{p.title}\n{p.text}".strip())
+        provenance["domain_questions"] = len(sources.questions)
+    examples += documents.values()
+
+    replay: list[Example] = []
+    parent = sources.parent_dataset
+    if parent is not None and recipe.replay_share > 0:
+        want = round(recipe.replay_share * len(examples))
+        rng = random.Random(recipe.seed)
+        replay = rng.sample(parent.train, min(want, len(parent.train)))
+        provenance["parent_dataset"] = parent.content_hash
+    dataset = assemble(examples, replay, recipe.eval_share, recipe.seed, provenance)
+    dataset.provenance["replay_ids"] = [e.id for e in replay]
+    return dataset
+
+
+def offset_ranges(corrections: list[Correction]) -> dict[str, list[int]]:
+    """{"topic:partition": [first offset, last offset]} of the corrections used."""
+    ranges: dict[str, list[int]] = {}
+    for c in corrections:
+        topic_partition, _, offset = c.offset.rpartition(":")
+        n = int(offset)
+        lo, hi = ranges.get(topic_partition, [n, n])
+        ranges[topic_partition] = [min(lo, n), max(hi, n)]
+    return ranges

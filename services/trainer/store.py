@@ -1,0 +1,153 @@
+"""The trainer's state in Redis: jobs, the triggers already turned into jobs, feedback
+corrections waiting to be trained on, the rollout policy and its shadow tallies.
+
+- ``<p>:trainer:job:<id>``: the Job (protobuf bytes); ``<p>:trainer:jobs``: ids by creation
+- ``<p>:trainer:trigger:<key>``: job id of a RetrainRequested idempotency key (at-least-once
+  delivery: the same event twice makes one job)
+- ``<p>:trainer:corrections``: stream of corrections (question, correction, Kafka offset);
+  ``<p>:trainer:correction:<request id>`` marks one already recorded
+- ``<p>:trainer:policy``: hash {mode, watching, job}
+- ``<p>:trainer:shadow:<adapter>``: hash {pairs, agreement_sum, errors};
+  ``<p>:trainer:shadow:<adapter>:seen``: request ids counted (a redelivered pair counts once)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from knowstream.trainer.v1 import trainer_pb2
+from services.common.redisutil import text
+
+ENDED = ("registered", "rejected", "failed", "cancelled")
+
+# Counts one shadow pair once: (seen-set, tally hash), (request id, agreement, error 0/1).
+_COUNT_PAIR = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], 'pairs', 1)
+redis.call('HINCRBYFLOAT', KEYS[2], 'agreement_sum', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'errors', ARGV[3])
+return 1
+"""
+
+
+@dataclass
+class ShadowTally:
+    pairs: int = 0
+    agreement_sum: float = 0.0
+    errors: int = 0
+
+    @property
+    def agreement(self) -> float:
+        answered = self.pairs - self.errors
+        return self.agreement_sum / answered if answered > 0 else 0.0
+
+
+@dataclass
+class Correction:
+    request_id: str
+    question: str
+    correction: str
+    offset: str  # "<topic>:<partition>:<offset>"
+
+
+class TrainerStore:
+    def __init__(self, client: aioredis.Redis, prefix: str):
+        self.redis = client
+        self.prefix = f"{prefix}:trainer"
+        self._count_pair = client.register_script(_COUNT_PAIR)
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # -- jobs -------------------------------------------------------------------------------
+    async def add_job(self, job: trainer_pb2.Job, trigger_key: str = "") -> tuple[str, bool]:
+        """Stores a new job; with a trigger key, only if that trigger has no job yet. Returns the
+        job id (the existing one for a repeated trigger) and whether it is new."""
+        if trigger_key:
+            won = await self.redis.set(self._k("trigger", trigger_key), job.id, nx=True)
+            if not won:
+                existing: Any = await self.redis.get(self._k("trigger", trigger_key))
+                return text(existing), False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._k("job", job.id), job.SerializeToString())
+            pipe.zadd(self._k("jobs"), {job.id: job.created_ms})
+            await pipe.execute()
+        return job.id, True
+
+    async def save(self, job: trainer_pb2.Job) -> None:
+        await self.redis.set(self._k("job", job.id), job.SerializeToString())
+
+    async def job(self, job_id: str) -> trainer_pb2.Job | None:
+        raw = await self.redis.get(self._k("job", job_id))
+        return trainer_pb2.Job.FromString(raw) if raw else None
+
+    async def jobs(self, limit: int = 20) -> list[trainer_pb2.Job]:
+        ids: list[Any] = await self.redis.zrevrange(self._k("jobs"), 0, limit - 1)
+        raws: list[Any] = (
+            await self.redis.mget([self._k("job", text(i)) for i in ids]) if ids else []
+        )
+        return [trainer_pb2.Job.FromString(r) for r in raws if r]
+
+    async def next_job(self) -> trainer_pb2.Job | None:
+        """The oldest job that has not ended: one interrupted by a restart comes before those
+        queued after it."""
+        ids: list[Any] = await self.redis.zrange(self._k("jobs"), 0, -1)
+        for job_id in ids:
+            job = await self.job(text(job_id))
+            if job is not None and job.state not in ENDED:
+                return job
+        return None
+
+    # -- corrections ------------------------------------------------------------------------
+    async def add_correction(self, c: Correction) -> bool:
+        if not await self.redis.set(self._k("correction", c.request_id), "1", nx=True):
+            return False
+        await self.redis.xadd(
+            self._k("corrections"),
+            {
+                "request_id": c.request_id,
+                "question": c.question,
+                "correction": c.correction,
+                "offset": c.offset,
+            },
+            maxlen=100_000,
+            approximate=True,
+        )
+        return True
+
+    async def corrections(self, limit: int) -> list[Correction]:
+        """The newest ``limit`` corrections, oldest first."""
+        rows: Any = await self.redis.xrevrange(self._k("corrections"), count=limit)
+        out = []
+        for _, fields in reversed(rows):
+            f = {text(k): text(v) for k, v in fields.items()}
+            out.append(Correction(f["request_id"], f["question"], f["correction"], f["offset"]))
+        return out
+
+    # -- rollout policy ---------------------------------------------------------------------
+    async def policy(self) -> dict[str, str]:
+        raw: dict[Any, Any] = await self.redis.hgetall(self._k("policy"))  # type: ignore[misc]
+        return {text(k): text(v) for k, v in raw.items()}
+
+    async def set_policy(self, **fields: str) -> None:
+        await self.redis.hset(self._k("policy"), mapping=fields)  # type: ignore[misc,arg-type]
+
+    async def count_pair(
+        self, adapter: str, request_id: str, agreement: float, error: bool
+    ) -> bool:
+        return bool(
+            await self._count_pair(
+                keys=[self._k("shadow", adapter, "seen"), self._k("shadow", adapter)],
+                args=[request_id, str(agreement if not error else 0.0), "1" if error else "0"],
+            )
+        )
+
+    async def tally(self, adapter: str) -> ShadowTally:
+        raw: dict[Any, Any] = await self.redis.hgetall(self._k("shadow", adapter))  # type: ignore[misc]
+        d = {text(k): text(v) for k, v in raw.items()}
+        return ShadowTally(
+            int(d.get("pairs", 0)), float(d.get("agreement_sum", 0.0)), int(d.get("errors", 0))
+        )
