@@ -1,7 +1,8 @@
 """Training benchmarks: the DeepSpeed path against a plain torch + peft loop on the same model and
-data (alternating runs, medians), and the wall time of one run on 400 PubMedQA items.
+data (alternating runs, medians), the wall time of one run on 400 PubMedQA items, and (section
+"loop", against the running stack) the loop's adapter vs the base model on held-out items.
 
-    .venv/bin/python -m bench.training --json [--sections speed,full] [--items 48]
+    .venv/bin/python -m bench.training --json [--sections speed,full,loop] [--items 48]
 
 Each run is the trainer's own child process (services/trainer/train.py) on SmolLM2-135M-Instruct
 (KS_LLM_MODEL), with the item's abstract as its context passage.
@@ -54,6 +55,73 @@ def run_job(job: Path, items: list[Item], config: TrainConfig) -> dict[str, Any]
     done = json.loads(reply.stdout.strip().splitlines()[-1])
     done["wall_s"] = round(wall, 1)
     return done
+
+
+def knowstream(*args: str) -> dict[str, Any]:
+    """Runs the CLI as a user would; returns its last line (JSON)."""
+    reply = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "--timeout", "3600", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if not reply.stdout.strip():
+        raise SystemExit(f"knowstream {' '.join(args)} failed: {reply.stderr[-2000:]}")
+    return dict(json.loads(reply.stdout.strip().splitlines()[-1]))
+
+
+def loop(data: Path, tmp: Path) -> dict[str, Any]:
+    """The loop's own path, through the running stack (`make up`): `knowstream train` on the
+    labelled file (a new LoRA on the base model; the trainer holds out its eval split by id),
+    then `knowstream eval pubmedqa` on the held-out items for the base model and the adapter,
+    with retrieval."""
+    from services.trainer.data import in_eval_split
+    from services.trainer.settings import TrainerSettings
+
+    ts = TrainerSettings()
+    raw = json.loads(data.read_text())
+    held = {
+        k: v
+        for k, v in raw.items()
+        if in_eval_split(f"qa:{k}", ts.trainer_eval_share, ts.trainer_seed)
+    }
+    held_file = tmp / "heldout.json"
+    held_file.write_text(json.dumps(held))
+    started = time.perf_counter()
+    job = knowstream(
+        "train",
+        "--data",
+        str(data),
+        "--parent",
+        "base",
+        "--no-rollout",
+        "--reason",
+        "bench.training loop",
+        "--json",
+    )
+    wall = time.perf_counter() - started
+    out: dict[str, Any] = {
+        "labelled_items": len(raw),
+        "train_examples": job.get("train_examples"),
+        "heldout_items": len(held),
+        "job_state": job["state"],
+        "job_wall_s": round(wall, 1),
+        "timings": job.get("timings"),
+        "steps": job.get("steps"),
+        "tokens_per_s": job.get("tokens_per_s"),
+        "final_loss": job.get("loss"),
+        "gate": job.get("gate"),
+        "adapter": job.get("adapter_id"),
+    }
+    base = knowstream("eval", "pubmedqa", "--data", str(held_file), "--adapter", "base", "--json")
+    out["heldout_base"] = base
+    if job["state"] == "registered":
+        tuned = knowstream(
+            "eval", "pubmedqa", "--data", str(held_file), "--adapter", job["adapter_id"], "--json"
+        )
+        out["heldout_adapter"] = tuned
+        out["accuracy_gain_points"] = round(100 * (tuned["accuracy"] - base["accuracy"]), 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 "final_loss": done["final_loss"],
                 "bf16": done["bf16"],
             }
+        if "loop" in sections:
+            out["loop"] = loop(args.data, Path(tmp))
     print(json.dumps(out))
     return 0
 

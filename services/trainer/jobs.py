@@ -10,11 +10,10 @@ resumes from its last checkpoint).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
+import os
 import shutil
-import signal
 import sys
 import time
 import uuid
@@ -38,7 +37,7 @@ from services.trainer.evaluation import LABELS
 from services.trainer.settings import TrainerSettings
 from services.trainer.sources import Recipe, Search, Sources, build_dataset, read_labelled
 from services.trainer.store import ENDED, Correction, TrainerStore
-from services.trainer.train import TrainConfig, child_env
+from services.trainer.train import DIE_WITH_PARENT, TrainConfig, child_env
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +48,6 @@ Score = Callable[[Example, str], Awaitable[str]]
 
 class JobCancelled(Exception):
     pass
-
-
-def _die_with_parent() -> None:
-    """In the training process before exec: Linux kills it when the trainer dies, so a killed
-    trainer never leaves an orphan training on (the restarted trainer resumes the job)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def parse_retrain(value: bytes | None) -> events_pb2.RetrainRequested:
@@ -323,6 +313,7 @@ class Trainer:
     async def train(
         self, job: trainer_pb2.Job, job_dir: Path, dataset: Dataset, timings: dict[str, float]
     ) -> dict[str, Any]:
+        self._check_cancelled(job)
         done_file = job_dir / "train-summary.json"
         if done_file.exists():
             return dict(json.loads(done_file.read_text()))
@@ -343,8 +334,7 @@ class Trainer:
                 str(job_dir),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
-                env=child_env(self.settings.cache_dir),
-                preexec_fn=_die_with_parent,
+                env={**child_env(self.settings.cache_dir), DIE_WITH_PARENT: str(os.getpid())},
             )
             summary: dict[str, Any] = {}
             assert self.process.stdout is not None
@@ -388,6 +378,7 @@ class Trainer:
         summary: dict[str, Any],
         timings: dict[str, float],
     ) -> None:
+        self._check_cancelled(job)
         s, r = self.settings, job.request
         job.state = "evaluating"
         await self.event(job, "evaluating")

@@ -144,6 +144,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def GetPolicy(self, request, context):  # type: ignore[no-untyped-def]
         policy = await self.trainer.store.policy()
         watching = policy.get("watching", "")
+        if watching and (await self.trainer.registry.rollout()).candidate != watching:
+            # Taken out of shadow by hand since: the policy no longer watches it.
+            await self.trainer.store.set_policy(watching="", job="")
+            policy["watching"] = watching = ""
         tally = await self.trainer.store.tally(watching) if watching else None
         return policy_proto(
             await self.trainer.policy_mode(), self.settings.trainer_shadow_samples, policy, tally
@@ -190,6 +194,9 @@ async def main() -> None:
         Recipe(
             k=infer_settings.infer_default_k,
             max_context_chars=infer_settings.infer_max_context_chars,
+            train_context_chars=min(
+                settings.trainer_context_chars, infer_settings.infer_max_context_chars
+            ),
             domain_k=settings.trainer_domain_k,
             max_documents=settings.trainer_max_documents,
             replay_share=settings.trainer_replay_share,

@@ -33,6 +33,10 @@ class TrainerSettings(CommonSettings):
     # and the most such passages per job.
     trainer_domain_k: int = Field(3, ge=0, le=20)
     trainer_max_documents: int = Field(200, ge=0)
+    # Context of training prompts, in characters (eval prompts use the infer service's budget,
+    # as served): the best-ranked passages, fewer of them, so a run on 400 questions stays
+    # within 15 minutes on 2 CPU cores.
+    trainer_context_chars: int = Field(1500, ge=200)
     # Most feedback corrections per job (newest first).
     trainer_max_corrections: int = Field(500, ge=0)
     # Questions retrieved for at once while assembling.

@@ -24,6 +24,7 @@ from services.trainer.data import (
     assemble,
     correction_example,
     document_example,
+    in_eval_split,
     qa_example,
 )
 from services.trainer.evaluation import Item, load_items
@@ -45,7 +46,10 @@ class Sources:
 @dataclass(frozen=True)
 class Recipe:
     k: int  # passages per question, as the infer service retrieves
-    max_context_chars: int
+    max_context_chars: int  # the infer service's context budget: eval prompts are served ones
+    # Context budget of training prompts: the best-ranked passages in the same format, fewer of
+    # them (training cost grows with prompt length; the first passage carries most answers).
+    train_context_chars: int
     domain_k: int
     max_documents: int
     replay_share: float
@@ -102,7 +106,9 @@ async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dat
         if not passages and item.contexts:
             fallback += 1
             passages = [Passage(item.id, "", "", " ".join(item.contexts))]
-        examples.append(qa_example(item, passages, recipe.max_context_chars))
+        held_out = in_eval_split(f"qa:{item.id}", recipe.eval_share, recipe.seed)
+        budget = recipe.max_context_chars if held_out else recipe.train_context_chars
+        examples.append(qa_example(item, passages, budget))
     provenance["context_fallback"] = fallback
 
     corrections = sources.corrections
@@ -112,7 +118,7 @@ async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dat
     for c, passages in zip(corrections, found, strict=True):
         examples.append(
             correction_example(
-                c.request_id, c.question, c.correction, passages, recipe.max_context_chars
+                c.request_id, c.question, c.correction, passages, recipe.train_context_chars
             )
         )
     if corrections:

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 Emit = Callable[[dict[str, Any]], None]
+# Environment variable naming the parent's pid: the process dies with it (see die_with_parent).
+DIE_WITH_PARENT = "KS_TRAIN_DIE_WITH_PARENT"
 
 
 @dataclass
@@ -470,7 +472,24 @@ def _ewc_terms(
     return penalty
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Linux kills this process when its parent (the trainer service) dies, so a killed trainer
+    never leaves a training process behind; the restarted trainer resumes the job from its last
+    checkpoint. Set here rather than in a pre-exec hook, which is unsafe in a threaded parent."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the hook was in place
+        sys.exit(1)
+
+
 def main() -> int:
+    if os.environ.get(DIE_WITH_PARENT):
+        die_with_parent(int(os.environ[DIE_WITH_PARENT]))
     if len(sys.argv) != 2:
         print("usage: python -m services.trainer.train JOB_DIR", file=sys.stderr)
         return 2

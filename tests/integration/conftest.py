@@ -3,6 +3,7 @@ ports in a temporary run directory, so the tests never touch a developer's `make
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -22,8 +23,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, pubmedqa):
     run_dir = tmp_path_factory.mktemp("stack")
+    # The trainer's labelled data in the tests: 16 PubMedQA items, so every job (those the
+    # monitor's retrain requests start included) trains in seconds.
+    labelled = run_dir / "labelled.json"
+    labelled.write_text(json.dumps({k: pubmedqa[k] for k in list(pubmedqa)[:16]}))
     env = {
         "KS_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
         "KS_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
@@ -39,6 +44,15 @@ def stack(tmp_path_factory):
         "KS_REDIS_PREFIX": "kstest",
         "KS_RUN_DIR": str(run_dir),
         "KS_LOG_LEVEL": "INFO",
+        "KS_TRAINER_LABELLED_DATA": str(labelled),
+        "KS_TRAINER_MAX_TOKENS": "192",
+        "KS_TRAINER_MICRO_BATCH": "2",
+        "KS_TRAINER_GRAD_ACCUM": "1",
+        "KS_TRAINER_GENERAL_TOKENS": "1024",
+        "KS_TRAINER_GATE_MIN_EVAL_ITEMS": "1",
+        "KS_TRAINER_SHADOW_SAMPLES": "3",
+        # Manual unless a test turns it on: other tests own the rollout while they run.
+        "KS_TRAINER_POLICY": "manual",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the clients in the tests read the same settings

@@ -1,0 +1,292 @@
+"""The trainer through the real stack: a job trains SmolLM2-135M's LoRA with DeepSpeed (ZeRO-2,
+CPU) in a child process, survives its trainer being killed, passes the gate (Triton score mode
+with retrieved passages, perplexity on general English), is registered with lineage, goes to
+shadow and is promoted by the policy; an adapter failing the gate is kept out; retrain requests
+are validated, de-duplicated and dead-lettered."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from kafka import KafkaProducer
+
+from knowstream.events.v1 import events_pb2
+from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
+from knowstream.ingest.v1 import ingest_pb2_grpc
+from knowstream.retrieve.v1 import retrieve_pb2_grpc
+from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.cli.evaluate import ensure_ingested
+from services.common.clients import sync_channel
+from services.common.kafka import new_header
+from services.common.keys import adapter_questions_key
+from services.common.redisutil import text
+from tests.integration.conftest import read_dead_letters, read_events, wait_for
+
+pytestmark = pytest.mark.integration
+
+LABELS = ["yes", "no", "maybe"]
+
+
+@pytest.fixture(scope="module")
+def trainer(stack):
+    return trainer_pb2_grpc.TrainerServiceStub(
+        sync_channel(stack.settings.address(stack.settings.trainer_port))
+    )
+
+
+@pytest.fixture(scope="module")
+def admin(stack):
+    return infer_pb2_grpc.AdapterAdminServiceStub(
+        sync_channel(stack.settings.address(stack.settings.infer_port))
+    )
+
+
+@pytest.fixture(scope="module")
+def infer(stack):
+    return infer_pb2_grpc.InferServiceStub(
+        sync_channel(stack.settings.address(stack.settings.infer_port))
+    )
+
+
+@pytest.fixture(scope="module")
+def labelled(stack, pubmedqa):
+    """The stack's labelled file, its abstracts ingested (so training prompts hold retrieved
+    passages, as served)."""
+    path = Path(os.environ["KS_TRAINER_LABELLED_DATA"])
+    data = json.loads(path.read_text())
+    address = stack.settings.address
+    ensure_ingested(
+        data,
+        ingest_pb2_grpc.IngestServiceStub(sync_channel(address(stack.settings.ingest_port))),
+        retrieve_pb2_grpc.RetrieveServiceStub(sync_channel(address(stack.settings.retrieve_port))),
+        180,
+    )
+    return path
+
+
+def lenient(**kw) -> trainer_pb2.TrainRequest:
+    """A small job whose gate accepts any adapter that is not worse than chance at forgetting."""
+    request = trainer_pb2.TrainRequest(parent="base", **kw)
+    request.gate.min_gain = -1.0
+    request.gate.max_forgetting_pct = 100.0
+    return request
+
+
+def finished(trainer, job_id: str, timeout_s: float = 420) -> trainer_pb2.Job:
+    def ended():
+        job = trainer.GetJob(trainer_pb2.GetJobRequest(id=job_id), timeout=10)
+        return job if job.state in ("registered", "rejected", "failed", "cancelled") else None
+
+    return wait_for(ended, timeout_s, f"job {job_id} to end", interval_s=1)
+
+
+def training_processes(job_id: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"services.trainer.train" in cmd and any(job_id.encode() in c for c in cmd):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
+    stack, trainer, admin, infer, labelled
+):
+    s = stack.settings
+    trainer.SetPolicy(trainer_pb2.SetPolicyRequest(mode="auto"), timeout=10)
+    try:
+        job = trainer.Train(lenient(reason="integration: the loop", checkpoint_every=1), timeout=30)
+        assert job.state == "queued" and job.parent == "base"
+
+        # Kill the trainer (only its process) mid-run: the training process dies with it.
+        def stepped():
+            j = trainer.GetJob(trainer_pb2.GetJobRequest(id=job.id), timeout=10)
+            return j if j.state == "training" and j.step >= 2 else None
+
+        running = wait_for(stepped, 300, "two training steps", interval_s=0.2)
+        assert running.steps > running.step, "the run ended before it could be interrupted"
+        assert training_processes(job.id)
+        os.kill(stack.components["trainer"].pid, signal.SIGKILL)
+        wait_for(lambda: not training_processes(job.id), 20, "the training process to die")
+        stack.stop("trainer")
+        stack.start_service("trainer")
+        stack.wait_serving(["trainer"], 180)
+
+        done = finished(trainer, job.id)
+        assert done.state == "registered", (done.error, list(done.gate.reasons))
+        assert done.resumes >= 1 and done.step == done.steps
+        assert done.gate.passed and done.gate.eval_items >= 1
+        assert done.gate.base_perplexity > 1 and done.gate.perplexity > 1
+        adapter = done.adapter_id
+
+        # Registered with lineage, and the questions it trained on recorded for the monitor.
+        status = admin.GetAdapter(infer_pb2.GetAdapterRequest(adapter=adapter), timeout=10)
+        lineage = json.loads(status.lineage_json)
+        assert status.source == "trainer" and status.parent == "base"
+        assert lineage["dataset_hash"] == done.dataset_hash and lineage["job"] == done.id
+        assert lineage["trigger"] == "manual"
+        assert lineage["hyperparameters"]["backend"] == "deepspeed"
+        assert lineage["gate"]["passed"] and "train_s" in lineage["timings"]
+        r = redis.Redis.from_url(s.redis_url)
+        questions = [
+            text(q) for q in r.lrange(adapter_questions_key(s.redis_prefix, adapter), 0, -1)
+        ]
+        assert len(questions) == done.train_examples
+        shown = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "adapters", "show", adapter],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "lineage (newest first)" in shown and done.dataset_hash in shown
+
+        # The policy put it in shadow; after 3 shadow pairs it promotes it.
+        rollout = admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10)
+        assert rollout.candidate == adapter and rollout.mode == "shadow"
+        live_before = rollout.live
+        asked = []
+        for question in json.loads(labelled.read_text()).values():
+            reply = infer.Ask(
+                infer_pb2.AskRequest(question=question["QUESTION"], candidates=LABELS), timeout=120
+            )
+            asked.append(reply.request_id)
+            if len(asked) == 3:
+                break
+        # A correction on one of the answers becomes training data of the next job.
+        infer.SubmitFeedback(
+            infer_pb2.FeedbackRequest(request_id=asked[0], rating=-1, correction="maybe"),
+            timeout=10,
+        )
+        wait_for(
+            lambda: admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10).live == adapter,
+            120,
+            "the policy to promote the adapter",
+        )
+        promoted = read_events(
+            s,
+            s.topic_training,
+            events_pb2.TrainingEvent,
+            lambda e: e.job_id == job.id and e.kind == "promoted",
+        )
+        assert promoted.shadow_pairs >= 3 and promoted.adapter_id == adapter
+        assert any("shadow pairs" in r for r in promoted.reasons)
+        audit = read_events(
+            s,
+            s.topic_adapters,
+            events_pb2.AdapterEvent,
+            lambda e: e.action == "promoted" and e.adapter_id == adapter,
+        )
+        assert audit.reason.startswith("policy:")
+        for kind in ("queued", "training", "progress", "resumed", "registered", "shadow"):
+            read_events(
+                s,
+                s.topic_training,
+                events_pb2.TrainingEvent,
+                lambda e, k=kind: e.job_id == job.id and e.kind == k,
+            )
+        assert (
+            trainer.GetJob(trainer_pb2.GetJobRequest(id=job.id), timeout=10).rollout == "promoted"
+        )
+    finally:
+        trainer.SetPolicy(trainer_pb2.SetPolicyRequest(mode="manual"), timeout=10)
+    # People can always undo it.
+    after = admin.Rollback(infer_pb2.RollbackRequest(reason="test over"), timeout=60)
+    assert after.live == live_before
+
+
+def test_an_adapter_that_fails_the_gate_is_kept_out(stack, trainer, admin, labelled):
+    s = stack.settings
+    before = admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10)
+    request = lenient(reason="integration: gate failure")
+    request.gate.min_gain = 1.0  # no adapter gains 100 points
+    job = finished(trainer, trainer.Train(request, timeout=30).id)
+    assert job.state == "rejected", job.error
+    assert not job.gate.passed
+    assert any("< +1.000" in r for r in job.gate.reasons), list(job.gate.reasons)
+    assert (Path(job.adapter_path) / "adapter_model.safetensors").exists()
+    with pytest.raises(grpc.RpcError) as err:
+        admin.GetAdapter(infer_pb2.GetAdapterRequest(adapter=job.adapter_id), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    after = admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10)
+    assert (after.live, after.candidate) == (before.live, before.candidate)
+    event = read_events(
+        s,
+        s.topic_training,
+        events_pb2.TrainingEvent,
+        lambda e: e.job_id == job.id and e.kind == "rejected",
+    )
+    assert list(event.reasons) == list(job.gate.reasons)
+    # The correction given in the previous test was part of this job's data.
+    assert json.loads(job.dataset_json).get("corrections", {}).get("count", 0) >= 1
+
+
+def test_retrain_requests_are_validated_deduplicated_and_cancellable(stack, trainer):
+    s = stack.settings
+    producer = KafkaProducer(bootstrap_servers=s.kafka_bootstrap)
+    key = f"test-ref:retrain:{time.time_ns()}"
+    no_key = events_pb2.RetrainRequested(header=new_header("test"), example_questions=["q?"])
+    good = events_pb2.RetrainRequested(
+        header=new_header("test"),
+        idempotency_key=key,
+        reason="integration: a drift",
+        example_questions=["Is aspirin useful after a heart attack?"],
+        live_adapter="base",
+    )
+    for value in (b"not a protobuf", no_key.SerializeToString(), good.SerializeToString()):
+        producer.send(s.topic_retrain, value, key=b"k")
+    producer.send(s.topic_retrain, good.SerializeToString(), key=b"k")  # redelivery
+    producer.flush()
+    producer.close()
+    letters = read_dead_letters(s, s.topic_retrain, 2)
+    reasons = sorted(letter.reason for letter in letters)
+    assert "not a RetrainRequested protobuf" in reasons[0]
+    assert "without an idempotency_key" in reasons[1]
+    assert all(letter.consumer == "trainer" for letter in letters)
+
+    def jobs_for_key():
+        jobs = trainer.ListJobs(trainer_pb2.ListJobsRequest(limit=50), timeout=10).jobs
+        return [j for j in jobs if j.trigger == f"retrain:{key}"]
+
+    found = wait_for(jobs_for_key, 60, "a job for the retrain request")
+    time.sleep(3)  # the redelivered copy has been consumed by now
+    found = jobs_for_key()
+    assert len(found) == 1
+    job = found[0]
+    assert job.trigger_event_id == good.header.event_id and job.reason == "integration: a drift"
+    assert list(job.request.questions) == list(good.example_questions)
+    cancelled = trainer.CancelJob(trainer_pb2.GetJobRequest(id=job.id), timeout=10)
+    assert cancelled.id == job.id
+    assert finished(trainer, job.id, 120).state == "cancelled"
+    assert not training_processes(job.id)
+    with pytest.raises(grpc.RpcError) as err:
+        trainer.CancelJob(trainer_pb2.GetJobRequest(id=job.id), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_bad_train_requests_are_refused(trainer, tmp_path):
+    with pytest.raises(grpc.RpcError) as err:
+        trainer.Train(
+            trainer_pb2.TrainRequest(labelled_data=str(tmp_path / "none.json")), timeout=10
+        )
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "none.json" in err.value.details()
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        trainer.Train(trainer_pb2.TrainRequest(parent="0123456789abcdef"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        trainer.GetJob(trainer_pb2.GetJobRequest(id="nope"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
