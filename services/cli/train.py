@@ -73,6 +73,23 @@ def print_outcome(job: trainer_pb2.Job) -> None:
         print(f"  kept for inspection in {job.adapter_path}")
 
 
+def ingest_labelled(path: Path, settings: CommonSettings, timeout_s: float) -> int:
+    """Ingests a labelled file's abstracts and waits until they are searchable, so the trainer
+    retrieves them as serving will."""
+    from knowstream.ingest.v1 import ingest_pb2_grpc
+    from knowstream.retrieve.v1 import retrieve_pb2_grpc
+    from services.cli.evaluate import ensure_ingested
+
+    return ensure_ingested(
+        json.loads(path.read_text()),
+        ingest_pb2_grpc.IngestServiceStub(sync_channel(settings.address(settings.ingest_port))),
+        retrieve_pb2_grpc.RetrieveServiceStub(
+            sync_channel(settings.address(settings.retrieve_port))
+        ),
+        timeout_s,
+    )
+
+
 def cmd_train(args: argparse.Namespace, settings: CommonSettings) -> int:
     stub = _trainer(settings)
     request = trainer_pb2.TrainRequest(
@@ -81,6 +98,7 @@ def cmd_train(args: argparse.Namespace, settings: CommonSettings) -> int:
         parent=args.parent or "",
         epochs=args.epochs,
         no_rollout=args.no_rollout,
+        promote=args.promote,
         reason=args.reason or "manual",
         questions=args.question or [],
         max_tokens=args.max_tokens,
@@ -92,6 +110,13 @@ def cmd_train(args: argparse.Namespace, settings: CommonSettings) -> int:
     if args.min_eval_items is not None:
         request.gate.min_eval_items = args.min_eval_items
     try:
+        if args.ingest:
+            if not args.data:
+                print("train: --ingest needs --data", file=sys.stderr)
+                return 2
+            new = ingest_labelled(Path(args.data), settings, args.timeout)
+            if not args.json:
+                print(f"ingested {new} new abstracts", file=sys.stderr)
         job = stub.Train(request, timeout=args.timeout)
         if not args.json:
             print(f"queued job {job.id} (parent {job.parent})", file=sys.stderr)
@@ -161,6 +186,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = sub.add_parser("train", help="train a LoRA adapter (gate, register, rollout policy)")
     p.add_argument("--data", help="PubMedQA-format labelled file (default: the trainer's setting)")
     p.add_argument("--limit", type=int, default=0, help="only the first N labelled items")
+    p.add_argument(
+        "--ingest", action="store_true", help="ingest the file's abstracts first and wait for them"
+    )
     p.add_argument("--parent", help="adapter to start from (default: live; 'base' = new LoRA)")
     p.add_argument("--epochs", type=float, default=0)
     p.add_argument("--question", action="append", help="a domain question (repeatable)")
@@ -169,6 +197,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--max-forgetting", type=float, help="gate: largest perplexity rise, percent")
     p.add_argument("--min-eval-items", type=int, help="gate: fewest eval items")
     p.add_argument("--no-rollout", action="store_true", help="register only; no shadow")
+    p.add_argument(
+        "--promote", action="store_true", help="make it live once it passes the gate (no shadow)"
+    )
     p.add_argument("--reason")
     p.add_argument("--detach", action="store_true", help="queue and return the job id")
     p.add_argument("--json", action="store_true", help="no progress; the last line is the job")

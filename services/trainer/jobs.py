@@ -475,7 +475,17 @@ class Trainer:
         return (await self.store.policy()).get("mode") or self.settings.trainer_policy
 
     async def hand_over(self, job: trainer_pb2.Job) -> None:
-        """A registered adapter goes to shadow when the policy is auto."""
+        """A registered adapter goes to shadow when the policy is auto (or straight to live when
+        the job asked for it)."""
+        if job.request.promote:
+            reason = "promoted right after the gate, on request (no shadow phase)"
+            await self.admin.Promote(
+                infer_pb2.PromoteRequest(adapter=job.adapter_id, reason=f"trainer: {reason}"),
+                timeout=self.settings.rpc_timeout_s * 12,
+            )
+            job.rollout = "promoted"
+            await self.event(job, "promoted", [reason, *job.gate.reasons])
+            return
         if job.request.no_rollout or await self.policy_mode() != "auto":
             job.rollout = "manual"
             await self.save(job)

@@ -4,7 +4,6 @@ same thing from the same data; a run killed after a checkpoint resumes where it 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,17 +14,24 @@ import pytest
 
 from services.common.settings import CommonSettings
 from services.infer.prompts import Passage
-from services.trainer.data import assemble, qa_example
+from services.trainer.data import Example, assemble, qa_example
 from services.trainer.evaluation import load_items
-from services.trainer.train import TrainConfig
+from services.trainer.train import TrainConfig, child_env
 
 
-def make_job(root: Path, tiny_model: Path, pubmedqa: dict, backend: str, **kw) -> Path:
+def examples(pubmedqa: dict, part: slice) -> list[Example]:
+    return [
+        qa_example(i, [Passage(i.id, f"{i.id}#0", "", " ".join(i.contexts)[:300])])
+        for i in load_items(pubmedqa)[part]
+    ]
+
+
+def make_job(
+    root: Path, tiny_model: Path, pubmedqa: dict, backend: str, part=slice(0, 40), replay=(), **kw
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    items = load_items(pubmedqa)[:40]
-    dataset = assemble(
-        [qa_example(i, [Passage(i.id, f"{i.id}#0", "", " ".join(i.contexts)[:300])]) for i in items]
-    )
+    dataset = assemble(examples(pubmedqa, part), replay, eval_share=0.0)
+    dataset.provenance["replay_ids"] = [e.id for e in replay]
     (root / "dataset.json").write_text(json.dumps(dataset.to_json()))
     options = dict(
         model_dir=str(tiny_model),
@@ -46,19 +52,13 @@ def make_job(root: Path, tiny_model: Path, pubmedqa: dict, backend: str, **kw) -
     return root
 
 
-def environment() -> dict[str, str]:
-    # DeepSpeed builds a small op with gcc on first use; keep it with the project's caches.
-    cache = CommonSettings().cache_dir / "torch_extensions"
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(cache)}
-
-
 def start(job: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "services.trainer.train", str(job)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=environment(),
+        env=child_env(CommonSettings().cache_dir),
     )
 
 
@@ -109,3 +109,50 @@ def test_deepspeed_and_torch_train_the_same_and_a_killed_run_resumes(
     resumed = [e["loss"] for e in evs if e["event"] == "progress"]
     assert len(resumed) == 8 - evs[0]["step"]
     assert resumed == pytest.approx(ds[evs[0]["step"] :], rel=1e-3)
+
+
+def run_to_end(job: Path) -> dict:
+    proc = start(job)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-2000:]
+    return events(out)[-1]
+
+
+def lora_distance(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    return float(sum(((wa[k] - wb[k]) ** 2).sum() for k in wa) ** 0.5)
+
+
+@pytest.mark.timeout(600)
+def test_ewc_keeps_a_child_adapter_near_its_parent_and_forgetting_is_measured(
+    tiny_model, pubmedqa, tmp_path
+):
+    parent = Path(
+        run_to_end(make_job(tmp_path / "parent", tiny_model, pubmedqa, "torch", epochs=1))[
+            "adapter_dir"
+        ]
+    )
+    replay = examples(pubmedqa, slice(0, 8))
+    distances = {}
+    for ewc in (0.0, 1e6):
+        done = run_to_end(
+            make_job(
+                tmp_path / f"child-{ewc}",
+                tiny_model,
+                pubmedqa,
+                "torch",
+                part=slice(40, 80),
+                replay=replay,
+                epochs=1,
+                parent_adapter=str(parent),
+                ewc_lambda=ewc,
+                general_tokens=512,
+            )
+        )
+        distances[ewc] = lora_distance(parent, Path(done["adapter_dir"]))
+        # Perplexity on general English, with the adapter and without it (the base model).
+        assert done["base_perplexity"] > 1 and done["perplexity"] > 1
+        assert done["perplexity"] != done["base_perplexity"]
+    assert distances[1e6] < 0.5 * distances[0.0], distances
