@@ -10,6 +10,7 @@ over the base model, measured by the training process right after training (it h
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -86,6 +87,20 @@ async def accuracy(
     return float(result["accuracy"]), float(result["macro_f1"]), counts
 
 
+Result = tuple[float, float, dict[str, int]]
+# (eval-set key, adapter) -> a stored result, and the store for one
+Recall = Callable[[str, str], Awaitable[Result | None]]
+Remember = Callable[[str, str, Result], Awaitable[None]]
+
+
+def eval_key(examples: list[Example]) -> str:
+    """Identity of an eval set: the same questions with the same prompts."""
+    digest = hashlib.sha256()
+    for key in sorted(e.content_key for e in examples):
+        digest.update(key.encode())
+    return digest.hexdigest()[:16]
+
+
 async def measure(
     examples: list[Example],
     candidate: str,
@@ -93,18 +108,29 @@ async def measure(
     score: Score,
     concurrency: int,
     perplexities: tuple[float, float],
+    recall: Recall | None = None,
+    remember: Remember | None = None,
 ) -> GateMetrics:
     """Accuracy of the candidate, the live adapter and the base model on the same examples
-    (live and base once when they are the same)."""
+    (live and base once when they are the same). Results of registered adapters and the base
+    model on an eval set can be recalled instead of asked again: adapters never change (their
+    id is their content hash) and the split is the same in every job."""
     qa = [e for e in examples if e.kind == "qa"]
     m = GateMetrics(eval_items=len(qa), live_adapter=live)
     m.base_perplexity, m.perplexity = perplexities
     if not qa:
         return m
+    key = eval_key(qa)
+
+    async def known(adapter: str) -> Result:
+        found = await recall(key, adapter) if recall else None
+        if found is None:
+            found = await accuracy(qa, adapter, score, concurrency)
+            if remember:
+                await remember(key, adapter, found)
+        return found
+
     m.accuracy, m.macro_f1, m.predicted = await accuracy(qa, candidate, score, concurrency)
-    m.base_accuracy, _, _ = await accuracy(qa, "base", score, concurrency)
-    if live == "base":
-        m.live_accuracy = m.base_accuracy
-    else:
-        m.live_accuracy, _, _ = await accuracy(qa, live, score, concurrency)
+    m.base_accuracy = (await known("base"))[0]
+    m.live_accuracy = m.base_accuracy if live == "base" else (await known(live))[0]
     return m

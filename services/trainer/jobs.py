@@ -397,6 +397,8 @@ class Trainer:
             self.score,
             s.trainer_gate_concurrency,
             (float(summary.get("base_perplexity", 0)), float(summary.get("perplexity", 0))),
+            self.store.recall_accuracy,
+            self.store.remember_accuracy,
         )
         g = r.gate
         thresholds = gate.Thresholds(

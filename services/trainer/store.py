@@ -7,12 +7,15 @@ corrections waiting to be trained on, the rollout policy and its shadow tallies.
 - ``<p>:trainer:corrections``: stream of corrections (question, correction, Kafka offset);
   ``<p>:trainer:correction:<request id>`` marks one already recorded
 - ``<p>:trainer:policy``: hash {mode, watching, job}
+- ``<p>:trainer:gate:<eval set>:<adapter>``: accuracy of the base model or a registered adapter
+  on an eval set (recalled by later gates on the same split)
 - ``<p>:trainer:shadow:<adapter>``: hash {pairs, agreement_sum, errors};
   ``<p>:trainer:shadow:<adapter>:seen``: request ids counted (a redelivered pair counts once)
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +129,21 @@ class TrainerStore:
             f = {text(k): text(v) for k, v in fields.items()}
             out.append(Correction(f["request_id"], f["question"], f["correction"], f["offset"]))
         return out
+
+    # -- gate results ---------------------------------------------------------------------
+    async def recall_accuracy(
+        self, eval_key: str, adapter: str
+    ) -> tuple[float, float, dict[str, int]] | None:
+        raw: Any = await self.redis.get(self._k("gate", eval_key, adapter))
+        if not raw:
+            return None
+        accuracy, macro_f1, predicted = json.loads(raw)
+        return float(accuracy), float(macro_f1), dict(predicted)
+
+    async def remember_accuracy(
+        self, eval_key: str, adapter: str, result: tuple[float, float, dict[str, int]]
+    ) -> None:
+        await self.redis.set(self._k("gate", eval_key, adapter), json.dumps(result), ex=30 * 86400)
 
     # -- rollout policy ---------------------------------------------------------------------
     async def policy(self) -> dict[str, str]:

@@ -210,3 +210,28 @@ def test_only_feedback_with_a_correction_and_its_question_is_training_data():
     assert parse_correction(feedback(correction="no"), "t:0:7") is None
     with pytest.raises(BadEvent):
         parse_correction(b"junk", "t:0:8")
+
+
+def test_gate_recalls_base_and_live_results_on_the_same_eval_set():
+    examples = [Example(f"qa:{i}", "qa", "s", f"q{i}", label) for i, label in enumerate("yyny")]
+    stored: dict[tuple[str, str], tuple] = {}
+    calls: list[str] = []
+
+    async def score(example: Example, adapter: str) -> str:
+        calls.append(adapter)
+        return "y"
+
+    async def recall(key, adapter):
+        return stored.get((key, adapter))
+
+    async def remember(key, adapter, result):
+        stored[(key, adapter)] = result
+
+    for candidate in ("c1", "c2"):
+        m = asyncio.run(
+            gate.measure(examples, candidate, "live1", score, 2, (1.0, 1.0), recall, remember)
+        )
+        assert (m.base_accuracy, m.live_accuracy) == (0.75, 0.75)
+    # Base and live asked once (4 questions each); each candidate always.
+    assert calls.count("base") == 4 and calls.count("live1") == 4
+    assert calls.count("c1") == 4 and calls.count("c2") == 4
