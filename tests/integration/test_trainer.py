@@ -102,14 +102,45 @@ def training_processes(job_id: str) -> list[int]:
     return pids
 
 
+def retrain_request(key: str, questions: list[str], live: str) -> events_pb2.RetrainRequested:
+    return events_pb2.RetrainRequested(
+        header=new_header("monitor"),
+        idempotency_key=key,
+        reference_id="test-reference",
+        reason="integration: 2 consecutive drifted windows",
+        example_questions=questions,
+        live_adapter=live,
+    )
+
+
+def publish(settings, topic: str, *values: bytes) -> None:
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    for value in values:
+        producer.send(topic, value, key=b"k")
+    producer.flush()
+    producer.close()
+
+
+def jobs_for(trainer, trigger: str) -> list:
+    jobs = trainer.ListJobs(trainer_pb2.ListJobsRequest(limit=100), timeout=10).jobs
+    return [j for j in jobs if j.trigger == trigger]
+
+
 def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
     stack, trainer, admin, infer, labelled
 ):
     s = stack.settings
     trainer.SetPolicy(trainer_pb2.SetPolicyRequest(mode="auto"), timeout=10)
     try:
-        job = trainer.Train(lenient(reason="integration: the loop", checkpoint_every=1), timeout=30)
-        assert job.state == "queued" and job.parent == "base"
+        # What the monitor publishes when live questions drift.
+        items = list(json.loads(labelled.read_text()).values())
+        live_before = admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10).live
+        key = f"test-reference:retrain:{time.time_ns()}"
+        event = retrain_request(key, [i["QUESTION"] for i in items[:3]], live_before)
+        publish(s, s.topic_retrain, event.SerializeToString())
+        job = wait_for(lambda: jobs_for(trainer, f"retrain:{key}"), 60, "the retrain job")[0]
+        assert job.trigger_event_id == event.header.event_id and job.parent == live_before
+        assert list(job.request.questions) == list(event.example_questions)
 
         # Kill the trainer (only its process) mid-run: the training process dies with it.
         def stepped():
@@ -127,6 +158,9 @@ def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
 
         done = finished(trainer, job.id)
         assert done.state == "registered", (done.error, list(done.gate.reasons))
+        # The request's questions brought their retrieved passages as domain text.
+        counts = json.loads(done.dataset_json)["counts"]
+        assert counts.get("document", 0) >= 1
         assert done.resumes >= 1 and done.step == done.steps
         assert done.gate.passed and done.gate.eval_items >= 1
         assert done.gate.base_perplexity > 1 and done.gate.perplexity > 1
@@ -135,16 +169,19 @@ def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
         # Registered with lineage, and the questions it trained on recorded for the monitor.
         status = admin.GetAdapter(infer_pb2.GetAdapterRequest(adapter=adapter), timeout=10)
         lineage = json.loads(status.lineage_json)
-        assert status.source == "trainer" and status.parent == "base"
+        assert status.source == "trainer" and status.parent == live_before
         assert lineage["dataset_hash"] == done.dataset_hash and lineage["job"] == done.id
-        assert lineage["trigger"] == "manual"
+        assert lineage["trigger"] == f"retrain:{key}"
+        assert lineage["trigger_event_id"] == event.header.event_id
         assert lineage["hyperparameters"]["backend"] == "deepspeed"
         assert lineage["gate"]["passed"] and "train_s" in lineage["timings"]
         r = redis.Redis.from_url(s.redis_url)
         questions = [
             text(q) for q in r.lrange(adapter_questions_key(s.redis_prefix, adapter), 0, -1)
         ]
-        assert len(questions) == done.train_examples
+        # The labelled questions it trained on (documents have none; eval items are held out).
+        assert questions and set(questions) <= {i["QUESTION"] for i in items}
+        assert len(questions) == done.train_examples - counts.get("document", 0)
         shown = subprocess.run(
             [sys.executable, "-m", "services.cli.main", "adapters", "show", adapter],
             capture_output=True,
@@ -156,9 +193,8 @@ def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
         # The policy put it in shadow; after 3 shadow pairs it promotes it.
         rollout = admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10)
         assert rollout.candidate == adapter and rollout.mode == "shadow"
-        live_before = rollout.live
         asked = []
-        for question in json.loads(labelled.read_text()).values():
+        for question in items:
             reply = infer.Ask(
                 infer_pb2.AskRequest(question=question["QUESTION"], candidates=LABELS), timeout=120
             )
@@ -200,6 +236,13 @@ def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
         assert (
             trainer.GetJob(trainer_pb2.GetJobRequest(id=job.id), timeout=10).rollout == "promoted"
         )
+        status = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "status", "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        assert json.loads(status)["training"]["policy"] == "auto"
     finally:
         trainer.SetPolicy(trainer_pb2.SetPolicyRequest(mode="manual"), timeout=10)
     # People can always undo it.
@@ -235,37 +278,24 @@ def test_an_adapter_that_fails_the_gate_is_kept_out(stack, trainer, admin, label
 
 def test_retrain_requests_are_validated_deduplicated_and_cancellable(stack, trainer):
     s = stack.settings
-    producer = KafkaProducer(bootstrap_servers=s.kafka_bootstrap)
     key = f"test-ref:retrain:{time.time_ns()}"
     no_key = events_pb2.RetrainRequested(header=new_header("test"), example_questions=["q?"])
-    good = events_pb2.RetrainRequested(
-        header=new_header("test"),
-        idempotency_key=key,
-        reason="integration: a drift",
-        example_questions=["Is aspirin useful after a heart attack?"],
-        live_adapter="base",
-    )
-    for value in (b"not a protobuf", no_key.SerializeToString(), good.SerializeToString()):
-        producer.send(s.topic_retrain, value, key=b"k")
-    producer.send(s.topic_retrain, good.SerializeToString(), key=b"k")  # redelivery
-    producer.flush()
-    producer.close()
+    good = retrain_request(key, ["Is aspirin useful after a heart attack?"], "base")
+    # The good one twice (a redelivery): one job.
+    bad = (b"not a protobuf", no_key.SerializeToString())
+    publish(s, s.topic_retrain, *bad, good.SerializeToString(), good.SerializeToString())
     letters = read_dead_letters(s, s.topic_retrain, 2)
     reasons = " | ".join(letter.reason for letter in letters)
     assert "not a RetrainRequested protobuf" in reasons
     assert "RetrainRequested without an idempotency_key" in reasons
     assert all(letter.consumer == "trainer" for letter in letters)
 
-    def jobs_for_key():
-        jobs = trainer.ListJobs(trainer_pb2.ListJobsRequest(limit=50), timeout=10).jobs
-        return [j for j in jobs if j.trigger == f"retrain:{key}"]
-
-    found = wait_for(jobs_for_key, 60, "a job for the retrain request")
+    wait_for(lambda: jobs_for(trainer, f"retrain:{key}"), 60, "a job for the retrain request")
     time.sleep(3)  # the redelivered copy has been consumed by now
-    found = jobs_for_key()
+    found = jobs_for(trainer, f"retrain:{key}")
     assert len(found) == 1
     job = found[0]
-    assert job.trigger_event_id == good.header.event_id and job.reason == "integration: a drift"
+    assert job.trigger_event_id == good.header.event_id and job.reason == good.reason
     assert list(job.request.questions) == list(good.example_questions)
     cancelled = trainer.CancelJob(trainer_pb2.GetJobRequest(id=job.id), timeout=10)
     assert cancelled.id == job.id
