@@ -197,6 +197,7 @@ async def main() -> None:
             train_context_chars=min(
                 settings.trainer_context_chars, infer_settings.infer_max_context_chars
             ),
+            with_reasons=settings.trainer_with_reasons,
             domain_k=settings.trainer_domain_k,
             max_documents=settings.trainer_max_documents,
             replay_share=settings.trainer_replay_share,

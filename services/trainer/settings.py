@@ -37,6 +37,8 @@ class TrainerSettings(CommonSettings):
     # as served): the best-ranked passages, fewer of them, so a run on 400 questions stays
     # within 15 minutes on 2 CPU cores.
     trainer_context_chars: int = Field(1500, ge=200)
+    # Labelled items train on "label. long answer" (PubMedQA's LONG_ANSWER) when they have one.
+    trainer_with_reasons: bool = True
     # Most feedback corrections per job (newest first).
     trainer_max_corrections: int = Field(500, ge=0)
     # Questions retrieved for at once while assembling.

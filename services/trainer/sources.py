@@ -50,6 +50,9 @@ class Recipe:
     # Context budget of training prompts: the best-ranked passages in the same format, fewer of
     # them (training cost grows with prompt length; the first passage carries most answers).
     train_context_chars: int
+    # Train on "label. long answer" where the item has one (the score is still read from the
+    # label, the first word): the reasoning gives each example far more signal than one token.
+    with_reasons: bool
     domain_k: int
     max_documents: int
     replay_share: float
@@ -108,7 +111,9 @@ async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dat
             passages = [Passage(item.id, "", "", " ".join(item.contexts))]
         held_out = in_eval_split(f"qa:{item.id}", recipe.eval_share, recipe.seed)
         budget = recipe.max_context_chars if held_out else recipe.train_context_chars
-        examples.append(qa_example(item, passages, budget))
+        examples.append(
+            qa_example(item, passages, budget, with_reason=recipe.with_reasons and not held_out)
+        )
     provenance["context_fallback"] = fallback
 
     corrections = sources.corrections

@@ -330,7 +330,7 @@ class _DeepSpeed(_Backend):
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
-        scheduler = _warmup(optimizer, config.warmup_steps)
+        scheduler = _schedule(optimizer, config.warmup_steps, steps)
         ds_config = {
             "train_micro_batch_size_per_gpu": config.micro_batch,
             "gradient_accumulation_steps": config.grad_accum,
@@ -374,7 +374,7 @@ class _Torch(_Backend):
         self.model = model
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
-        self.scheduler = _warmup(self.optimizer, config.warmup_steps)
+        self.scheduler = _schedule(self.optimizer, config.warmup_steps, steps)
         self.grad_accum = config.grad_accum
         self.micro = 0
         self.ckpt = ckpt / "torch.pt"
@@ -427,12 +427,14 @@ class _Torch(_Backend):
         tmp.replace(self.ckpt)  # a kill mid-save leaves the previous checkpoint whole
 
 
-def _warmup(optimizer: Any, warmup_steps: int) -> Any:
+def _schedule(optimizer: Any, warmup_steps: int, steps: int) -> Any:
+    """Linear warm-up, then linear decay to zero at the last step."""
     import torch
 
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
-    )
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / max(1, warmup_steps)) * max(0.0, 1.0 - step / max(1, steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _ewc_terms(

@@ -107,6 +107,7 @@ RECIPE = Recipe(
     k=4,
     max_context_chars=4000,
     train_context_chars=300,
+    with_reasons=True,
     domain_k=2,
     max_documents=3,
     replay_share=0.5,
@@ -162,6 +163,13 @@ def test_a_jobs_dataset_from_labelled_items_corrections_domain_text_and_replay(l
     # Eval prompts are built as the infer service serves them; training prompts are shorter.
     longest_train = max(len(e.prompt) for e in dataset.train if e.kind == "qa")
     assert all(len(e.prompt) > longest_train for e in dataset.eval if e.id != f"qa:{items[0].id}")
+    # Training targets carry the reasoning after the label; eval targets are the label alone.
+    by_id = {i.id: i for i in items}
+    for e in dataset.train:
+        if e.kind == "qa" and not e.id.startswith("qa:old"):
+            item = by_id[e.id[3:]]
+            assert e.target == f"{item.label}. {item.long_answer}"
+    assert all(e.target in ("yes", "no", "maybe") for e in dataset.eval)
     assert {e.question for e in dataset.train if e.kind == "correction"} == {
         "is it so?",
         "is that so?",
