@@ -49,7 +49,7 @@ class TrainerSettings(CommonSettings):
     trainer_epochs: float = Field(1.0, gt=0, le=20)
     trainer_micro_batch: int = Field(4, ge=1)
     trainer_grad_accum: int = Field(2, ge=1)
-    trainer_learning_rate: float = Field(2e-4, gt=0)
+    trainer_learning_rate: float = Field(1e-3, gt=0)
     trainer_lora_r: int = Field(16, ge=1)
     trainer_max_tokens: int = Field(512, ge=32)
     trainer_checkpoint_every: int = Field(20, ge=1)
