@@ -22,6 +22,7 @@ from kafka import KafkaProducer
 from knowstream.events.v1 import events_pb2
 from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
 from knowstream.ingest.v1 import ingest_pb2_grpc
+from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.cli.evaluate import ensure_ingested
@@ -182,6 +183,12 @@ def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
         # The labelled questions it trained on (documents have none; eval items are held out).
         assert questions and set(questions) <= {i["QUESTION"] for i in items}
         assert len(questions) == done.train_examples - counts.get("document", 0)
+        # ... which the drift monitor can take as its reference ("what this adapter knows").
+        monitor = monitor_pb2_grpc.MonitorServiceStub(sync_channel(s.address(s.monitor_port)))
+        reference = monitor.SetReference(
+            monitor_pb2.SetReferenceRequest(adapter=adapter, description="trained on"), timeout=60
+        )
+        assert reference.source == "adapter" and reference.size == len(questions)
         shown = subprocess.run(
             [sys.executable, "-m", "services.cli.main", "adapters", "show", adapter],
             capture_output=True,
