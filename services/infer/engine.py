@@ -81,12 +81,16 @@ class LLMEngine:
             self.net.delete_adapter(evictable[0])
             log.info("evicted adapter %s (LRU, max %d)", evictable[0], self.max_adapters)
         try:
-            if self.net is self.base:
-                from peft import PeftModel
+            # Lazy loads happen inside the scheduler's inference mode; weights created there
+            # would be inference tensors, and peft's next load (which sets requires_grad on the
+            # existing LoRA layers) would fail on them.
+            with torch.inference_mode(False), torch.no_grad():
+                if self.net is self.base:
+                    from peft import PeftModel
 
-                self.net = PeftModel.from_pretrained(self.base, path, adapter_name=adapter_id)
-            else:
-                self.net.load_adapter(path, adapter_name=adapter_id)
+                    self.net = PeftModel.from_pretrained(self.base, path, adapter_name=adapter_id)
+                else:
+                    self.net.load_adapter(path, adapter_name=adapter_id)
         except Exception as exc:
             raise EngineError(f"adapter {adapter_id} does not fit the base model: {exc}") from exc
         self.net.eval()

@@ -111,6 +111,16 @@ def test_adapters_load_lazily_and_the_least_recently_used_is_evicted(engine, sto
     assert not again.error and engine.loaded_adapters() == [c, a]
 
 
+def test_an_adapter_first_loaded_by_a_score_request_leaves_later_loads_working(engine, store):
+    # Score requests prepare (and so lazily load) inside inference mode, as Triton's scheduler
+    # does; an explicit load afterwards must still work.
+    a, b, _ = store[1]
+    with torch.inference_mode():
+        first = engine.run([LLMRequest("x", adapter=a, candidates=["yes", "no"])])[0]
+    assert not first.error and engine.loaded_adapters() == [a]
+    assert engine.load_adapter(b) > 0 and engine.loaded_adapters() == [a, b]
+
+
 def test_scheduler_admits_requests_between_steps_and_matches_solo_runs(engine, store):
     import threading
 
