@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 
 from knowstream.events.v1 import events_pb2
@@ -470,7 +471,14 @@ class Trainer:
                 await pipe.execute()
         job.state = "registered"
         await self.event(job, "registered", reasons)
-        await self.hand_over(job)
+        try:
+            await self.hand_over(job)
+        except grpc.aio.AioRpcError as exc:
+            # The adapter stays registered (the job did not fail): people can still shadow or
+            # promote it by hand.
+            job.rollout = "manual"
+            why = f"could not hand it to the rollout: {exc.code().name}: {exc.details()}"
+            await self.event(job, "rollout_failed", [why])
 
     # -- rollout policy ---------------------------------------------------------------------
     async def policy_mode(self) -> str:
@@ -545,18 +553,23 @@ class Trainer:
             return
         action, reasons = decision
         reason = "; ".join(reasons)
-        if action == "promote":
-            await self.admin.Promote(
-                infer_pb2.PromoteRequest(adapter=adapter, reason=f"policy: {reason}"),
-                timeout=s.rpc_timeout_s * 12,
-            )
-            job.rollout = "promoted"
-        else:
-            await self.admin.SetRollout(
-                infer_pb2.SetRolloutRequest(mode="off", reason=f"policy: {reason}"),
-                timeout=s.rpc_timeout_s,
-            )
-            job.rollout = "retired"
+        try:
+            if action == "promote":
+                await self.admin.Promote(
+                    infer_pb2.PromoteRequest(adapter=adapter, reason=f"policy: {reason}"),
+                    timeout=s.rpc_timeout_s * 12,
+                )
+                job.rollout = "promoted"
+            else:
+                await self.admin.SetRollout(
+                    infer_pb2.SetRolloutRequest(mode="off", reason=f"policy: {reason}"),
+                    timeout=s.rpc_timeout_s,
+                )
+                job.rollout = "retired"
+        except grpc.aio.AioRpcError as exc:
+            # Still watching: the next shadow pair tries the decision again.
+            log.warning("policy could not %s %s: %s", action, adapter, exc.details())
+            return
         await self.store.set_policy(watching="", job="")
         await self.event(
             job,
