@@ -243,6 +243,8 @@ class Trainer:
             self.running = ""
             self.process = None
             self.cancelled.discard(job.id)
+            if job.state in ENDED:  # the adapter is saved; checkpoints only served a resume
+                await asyncio.to_thread(shutil.rmtree, job_dir / "checkpoints", True)
 
     def _check_cancelled(self, job: trainer_pb2.Job) -> None:
         if job.id in self.cancelled:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -352,7 +353,8 @@ class _DeepSpeed(_Backend):
     def resume(self) -> int:
         if not (self.ckpt / "latest").exists():
             return 0
-        _, client = self.engine.load_checkpoint(str(self.ckpt))
+        # Checkpoints hold the trainable (LoRA) weights only: the frozen base is not saved.
+        _, client = self.engine.load_checkpoint(str(self.ckpt), load_module_strict=False)
         return int((client or {}).get("micro_batches_done", 0))
 
     def backward_step(self, loss: Any) -> None:
@@ -360,9 +362,17 @@ class _DeepSpeed(_Backend):
         self.engine.step()
 
     def save(self, micro_batches_done: int) -> None:
+        # Without exclude_frozen_parameters every checkpoint would hold the whole base model
+        # (540 MB for SmolLM2-135M); only the latest is kept.
         self.engine.save_checkpoint(
-            str(self.ckpt), client_state={"micro_batches_done": micro_batches_done}
+            str(self.ckpt),
+            client_state={"micro_batches_done": micro_batches_done},
+            exclude_frozen_parameters=True,
         )
+        latest = (self.ckpt / "latest").read_text().strip()
+        for old in self.ckpt.glob("global_step*"):
+            if old.name != latest:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 class _Torch(_Backend):

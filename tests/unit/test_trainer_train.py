@@ -110,6 +110,14 @@ def test_deepspeed_and_torch_train_the_same_and_a_killed_run_resumes(
     resumed = [e["loss"] for e in evs if e["event"] == "progress"]
     assert len(resumed) == 10 - evs[0]["step"]
     assert resumed == pytest.approx(ds[evs[0]["step"] :], rel=1e-3)
+    # Only the latest checkpoint is kept, and it holds the LoRA weights, not the frozen layers.
+    kept = list((job / "checkpoints").glob("global_step*"))
+    assert len(kept) == 1
+    import torch
+
+    states = torch.load(next(kept[0].glob("*model_states.pt")), weights_only=False)["module"]
+    assert any("lora_A" in k for k in states)
+    assert not any(k.endswith("q_proj.base_layer.weight") for k in states)
 
 
 def run_to_end(job: Path) -> dict:
