@@ -237,6 +237,12 @@ def test_live_flips_under_load_without_failed_requests(admin, infer, adapters):
     for t in threads:
         t.start()
     flips: list[tuple[float, float, str]] = []
+
+    def served_after(t: float) -> None:
+        # Until a request started after the flip has been answered (a fixed pause was too short
+        # when other work shares the CPU: no request started after the last flip).
+        wait_for(lambda: any(started > t for started, _, _ in served), 60, "a request")
+
     try:
         time.sleep(2)
         for target in (b, a, b):
@@ -244,12 +250,12 @@ def test_live_flips_under_load_without_failed_requests(admin, infer, adapters):
             state = admin.Promote(infer_pb2.PromoteRequest(adapter=target), timeout=60)
             flips.append((called, time.monotonic(), target))
             assert state.live == target
-            time.sleep(2)
+            served_after(flips[-1][1])
         called = time.monotonic()
         state = admin.Rollback(infer_pb2.RollbackRequest(reason="test"), timeout=60)
         flips.append((called, time.monotonic(), a))
         assert state.live == a and state.history[0] == b
-        time.sleep(2)
+        served_after(flips[-1][1])
     finally:
         stop.set()
         for t in threads:
