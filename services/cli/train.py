@@ -49,8 +49,9 @@ def progress_line(job: trainer_pb2.Job, width: int = 30) -> str:
 def follow(stub: trainer_pb2_grpc.TrainerServiceStub, job_id: str, quiet: bool) -> trainer_pb2.Job:
     """Prints a progress line per change (one updating line on a terminal) until the job ends
     and the rollout policy has taken it."""
-    job = stub.GetJob(trainer_pb2.GetJobRequest(id=job_id), timeout=10)
     tty = sys.stderr.isatty()
+    job = trainer_pb2.Job(id=job_id)
+    # The first message is the job as it is now; then one per change until it ends.
     for job in stub.WatchJob(trainer_pb2.GetJobRequest(id=job_id)):
         if not quiet:
             end = "" if tty and job.state == "training" else "\n"

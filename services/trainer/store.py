@@ -98,8 +98,11 @@ class TrainerStore:
         """The oldest job that has not ended: one interrupted by a restart comes before those
         queued after it."""
         ids: list[Any] = await self.redis.zrange(self._k("jobs"), 0, -1)
-        for job_id in ids:
-            job = await self.job(text(job_id))
+        raws: list[Any] = (
+            await self.redis.mget([self._k("job", text(i)) for i in ids]) if ids else []
+        )
+        for raw in raws:
+            job = trainer_pb2.Job.FromString(raw) if raw else None
             if job is not None and job.state not in ENDED:
                 return job
         return None

@@ -75,7 +75,8 @@ def labelled(stack, pubmedqa):
 
 
 def lenient(**kw) -> trainer_pb2.TrainRequest:
-    """A small job whose gate accepts any adapter that is not worse than chance at forgetting."""
+    """A new LoRA whose gate accepts any accuracy and up to 100 % more perplexity: the tests
+    check the mechanics, not what a few steps on 13 items learn."""
     request = trainer_pb2.TrainRequest(parent="base", **kw)
     request.gate.min_gain = -1.0
     request.gate.max_forgetting_pct = 100.0
