@@ -178,7 +178,8 @@ def cmd_policy(args: argparse.Namespace, settings: CommonSettings) -> int:
     if policy.watching:
         print(
             f"watching {policy.watching} in shadow: {policy.pairs} pairs, agreement "
-            f"{policy.agreement:.2f}, {policy.shadow_errors} errors"
+            f"{policy.agreement:.2f}, {policy.shadow_errors} errors; feedback on differing "
+            f"answers: {policy.feedback_for_candidate} for it, {policy.feedback_for_live} for live"
         )
     return 0
 

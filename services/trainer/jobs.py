@@ -60,15 +60,23 @@ def parse_retrain(value: bytes | None) -> events_pb2.RetrainRequested:
     return event
 
 
-def parse_correction(value: bytes | None, where: str) -> Correction | None:
-    """A feedback event as a correction to train on; None for feedback without a correction or
-    whose question the infer service no longer had (valid, but nothing to train on)."""
+def parse_feedback(value: bytes | None) -> events_pb2.FeedbackEvent:
     event = parse_event(value, events_pb2.FeedbackEvent)
     if not event.request_id:
         raise BadEvent("FeedbackEvent without a request_id")
+    return event
+
+
+def correction_of(event: events_pb2.FeedbackEvent, where: str) -> Correction | None:
+    """Feedback as a correction to train on; None for feedback without a correction or whose
+    question the infer service no longer had (valid, but nothing to train on)."""
     if not event.correction.strip() or not event.question.strip():
         return None
     return Correction(event.request_id, event.question, event.correction.strip(), where)
+
+
+def parse_correction(value: bytes | None, where: str) -> Correction | None:
+    return correction_of(parse_feedback(value), where)
 
 
 class Trainer:
@@ -226,6 +234,9 @@ class Trainer:
         job_dir.mkdir(parents=True, exist_ok=True)
         timings: dict[str, float] = json.loads(job.timings_json or "{}")
         try:
+            if job.state == "registered":  # stopped before the hand-over: only that is left
+                await self.hand_over_or_note(job)
+                return
             if not job.started_ms:
                 job.started_ms = now_ms()
             dataset = await self.dataset(job, job_dir, timings)
@@ -473,6 +484,9 @@ class Trainer:
                 await pipe.execute()
         job.state = "registered"
         await self.event(job, "registered", reasons)
+        await self.hand_over_or_note(job)
+
+    async def hand_over_or_note(self, job: trainer_pb2.Job) -> None:
         try:
             await self.hand_over(job)
         except grpc.aio.AioRpcError as exc:
@@ -529,7 +543,35 @@ class Trainer:
             await self.store.count_pair(
                 watching, event.request_id, event.agreement, bool(event.shadow_error)
             )
+            if not event.shadow_error and event.agreement < 1.0:
+                # Kept before looking for feedback: whichever of the two comes second finds
+                # the other (a vote counts once per request).
+                await self.store.keep_pair(
+                    watching, event.request_id, event.live_answer, event.shadow_answer
+                )
+                feedback = await self.store.feedback(event.request_id)
+                if feedback is not None:
+                    await self.vote(
+                        watching,
+                        event.request_id,
+                        event.live_answer,
+                        event.shadow_answer,
+                        *feedback,
+                    )
             await self.maybe_decide(watching, policy.get("job", ""))
+
+    async def vote(
+        self,
+        adapter: str,
+        request_id: str,
+        live_answer: str,
+        shadow_answer: str,
+        rating: int,
+        correction: str,
+    ) -> None:
+        side = rollout.judge_feedback(live_answer, shadow_answer, rating, correction)
+        if side is not None:
+            await self.store.count_vote(adapter, request_id, side)
 
     async def maybe_decide(self, adapter: str, job_id: str) -> None:
         tally = await self.store.tally(adapter)
@@ -545,7 +587,10 @@ class Trainer:
         decision = rollout.decide(
             tally,
             rollout.RolloutThresholds(
-                s.trainer_shadow_samples, s.trainer_min_agreement, s.trainer_max_shadow_errors
+                s.trainer_shadow_samples,
+                s.trainer_min_agreement,
+                s.trainer_max_shadow_errors,
+                s.trainer_min_feedback_votes,
             ),
             job.gate.live_adapter,
             rollout_state.live,
@@ -583,9 +628,23 @@ class Trainer:
         )
 
     async def on_feedback(self, value: bytes | None, where: str) -> None:
-        correction = parse_correction(value, where)
+        """A correction is training data; any rated or corrected answer may also be a vote on
+        the candidate in shadow (see services/trainer/rollout.py)."""
+        event = parse_feedback(value)
+        correction = correction_of(event, where)
         if correction is not None:
             await self.store.add_correction(correction)
+        if not event.rating and not event.correction.strip():
+            return
+        await self.store.keep_feedback(event.request_id, event.rating, event.correction)
+        async with self.policy_lock:
+            policy = await self.store.policy()
+            watching = policy.get("watching", "")
+            pair = await self.store.differing_pair(watching, event.request_id) if watching else None
+            if pair is None:
+                return
+            await self.vote(watching, event.request_id, *pair, event.rating, event.correction)
+            await self.maybe_decide(watching, policy.get("job", ""))
 
 
 def triton_score(llm: Any, timeout_s: float) -> Score:

@@ -28,7 +28,7 @@ from services.infer.triton import TritonLLM
 from services.trainer.jobs import Trainer, triton_score
 from services.trainer.settings import TrainerSettings
 from services.trainer.sources import Recipe
-from services.trainer.store import ENDED, TrainerStore
+from services.trainer.store import TrainerStore, unfinished
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def policy_proto(mode: str, samples: int, policy: dict[str, str], tally: Any) ->
         pairs=tally.pairs if tally else 0,
         agreement=tally.agreement if tally else 0.0,
         shadow_errors=tally.errors if tally else 0,
+        feedback_for_candidate=tally.feedback_shadow if tally else 0,
+        feedback_for_live=tally.feedback_live if tally else 0,
     )
 
 
@@ -115,7 +117,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         job = await self._job(request.id, context)
         yield job
         last = job.SerializeToString()
-        while job.state not in ENDED or (job.state == "registered" and not job.rollout):
+        while unfinished(job):
             async with self.trainer.changed:
                 try:
                     await asyncio.wait_for(self.trainer.changed.wait(), timeout=2.0)

@@ -79,3 +79,6 @@ class TrainerSettings(CommonSettings):
     # adapter), or when more than this share of its shadow calls failed.
     trainer_min_agreement: float = Field(0.3, ge=0, le=1)
     trainer_max_shadow_errors: float = Field(0.1, ge=0, le=1)
+    # Retire the candidate when at least this many feedback votes on differing shadow pairs
+    # are in and more of them favour live than the candidate.
+    trainer_min_feedback_votes: int = Field(3, ge=1)

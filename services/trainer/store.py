@@ -26,6 +26,13 @@ from services.common.redisutil import text
 
 ENDED = ("registered", "rejected", "failed", "cancelled")
 
+
+def unfinished(job: trainer_pb2.Job) -> bool:
+    """Work is left: the job has not ended, or its adapter is registered but was never handed
+    to the rollout (the trainer stopped between the two)."""
+    return job.state not in ENDED or (job.state == "registered" and not job.rollout)
+
+
 # Counts one shadow pair once: (seen-set, tally hash), (request id, agreement, error 0/1).
 _COUNT_PAIR = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -35,12 +42,24 @@ redis.call('HINCRBY', KEYS[2], 'errors', ARGV[3])
 return 1
 """
 
+# Counts one feedback vote per request once: (seen-set, tally hash), (request id, tally field).
+_COUNT_VOTE = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+return 1
+"""
+# Differing shadow pairs and feedback are kept this long for each other (either comes first).
+PENDING_TTL_S = 7 * 86400
+
 
 @dataclass
 class ShadowTally:
     pairs: int = 0
     agreement_sum: float = 0.0
     errors: int = 0
+    # Feedback votes on pairs whose answers differed (services/trainer/rollout.py).
+    feedback_shadow: int = 0
+    feedback_live: int = 0
 
     @property
     def agreement(self) -> float:
@@ -61,6 +80,7 @@ class TrainerStore:
         self.redis = client
         self.prefix = f"{prefix}:trainer"
         self._count_pair = client.register_script(_COUNT_PAIR)
+        self._count_vote = client.register_script(_COUNT_VOTE)
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -95,15 +115,15 @@ class TrainerStore:
         return [trainer_pb2.Job.FromString(r) for r in raws if r]
 
     async def next_job(self) -> trainer_pb2.Job | None:
-        """The oldest job that has not ended: one interrupted by a restart comes before those
-        queued after it."""
+        """The oldest unfinished job: one interrupted by a restart comes before those queued
+        after it."""
         ids: list[Any] = await self.redis.zrange(self._k("jobs"), 0, -1)
         raws: list[Any] = (
             await self.redis.mget([self._k("job", text(i)) for i in ids]) if ids else []
         )
         for raw in raws:
             job = trainer_pb2.Job.FromString(raw) if raw else None
-            if job is not None and job.state not in ENDED:
+            if job is not None and unfinished(job):
                 return job
         return None
 
@@ -170,5 +190,45 @@ class TrainerStore:
         raw: dict[Any, Any] = await self.redis.hgetall(self._k("shadow", adapter))  # type: ignore[misc]
         d = {text(k): text(v) for k, v in raw.items()}
         return ShadowTally(
-            int(d.get("pairs", 0)), float(d.get("agreement_sum", 0.0)), int(d.get("errors", 0))
+            int(d.get("pairs", 0)),
+            float(d.get("agreement_sum", 0.0)),
+            int(d.get("errors", 0)),
+            int(d.get("feedback_shadow", 0)),
+            int(d.get("feedback_live", 0)),
+        )
+
+    async def keep_pair(self, adapter: str, request_id: str, live: str, shadow: str) -> None:
+        """The answers of a shadow pair that differed, for feedback that may come later."""
+        key = self._k("shadow", adapter, "differing")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, request_id, json.dumps([live, shadow]))
+            pipe.expire(key, PENDING_TTL_S)
+            await pipe.execute()
+
+    async def differing_pair(self, adapter: str, request_id: str) -> tuple[str, str] | None:
+        raw: Any = await self.redis.hget(self._k("shadow", adapter, "differing"), request_id)  # type: ignore[misc]
+        if not raw:
+            return None
+        live, shadow = json.loads(raw)
+        return str(live), str(shadow)
+
+    async def keep_feedback(self, request_id: str, rating: int, correction: str) -> None:
+        """Feedback on a request, for a shadow pair that may come later."""
+        await self.redis.set(
+            self._k("feedback", request_id), json.dumps([rating, correction]), ex=PENDING_TTL_S
+        )
+
+    async def feedback(self, request_id: str) -> tuple[int, str] | None:
+        raw: Any = await self.redis.get(self._k("feedback", request_id))
+        if not raw:
+            return None
+        rating, correction = json.loads(raw)
+        return int(rating), str(correction)
+
+    async def count_vote(self, adapter: str, request_id: str, vote: str) -> bool:
+        return bool(
+            await self._count_vote(
+                keys=[self._k("shadow", adapter, "voted"), self._k("shadow", adapter)],
+                args=[request_id, f"feedback_{vote}"],
+            )
         )

@@ -6,6 +6,7 @@ are validated, de-duplicated and dead-lettered."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+import redis.asyncio as aioredis
 from kafka import KafkaProducer
 
 from knowstream.events.v1 import events_pb2
@@ -26,10 +28,13 @@ from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.cli.evaluate import ensure_ingested
+from services.common.adapters import create_random_adapter
 from services.common.clients import sync_channel
 from services.common.kafka import new_header
 from services.common.keys import adapter_questions_key
+from services.common.models import resolve_llm_dir
 from services.common.redisutil import text
+from services.trainer.store import TrainerStore
 from tests.integration.conftest import read_dead_letters, read_events, wait_for
 
 pytestmark = pytest.mark.integration
@@ -283,6 +288,108 @@ def test_an_adapter_that_fails_the_gate_is_kept_out(stack, trainer, admin, label
     assert list(event.reasons) == list(job.gate.reasons)
     # The correction given in the previous test was part of this job's data.
     assert json.loads(job.dataset_json).get("corrections", {}).get("count", 0) >= 1
+
+
+def test_an_interrupted_hand_over_is_finished_and_feedback_can_retire_the_candidate(
+    stack, trainer, admin, tmp_path
+):
+    """The trainer stopped between registering an adapter and handing it to the rollout: the
+    job is found again and the hand-over done. In shadow, users' feedback on the live answers
+    where the two answered differently favours live, and the policy retires the candidate."""
+    s = stack.settings
+    model_dir = resolve_llm_dir(s.llm_model, s.cache_dir)
+    path = create_random_adapter(model_dir, tmp_path / "adapter", seed=21, scale=0.05)
+    adapter = admin.RegisterAdapter(
+        infer_pb2.RegisterAdapterRequest(path=str(path)), timeout=120
+    ).id
+    before = admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10)
+    job = trainer_pb2.Job(
+        id=f"handover{time.time_ns() % 10**9}",
+        state="registered",
+        trigger="manual",
+        parent=before.live or "base",
+        created_ms=int(time.time() * 1000),
+        adapter_id=adapter,
+        request=trainer_pb2.TrainRequest(reason="integration: interrupted hand-over"),
+    )
+    job.gate.live_adapter = before.live
+
+    async def leave_it_registered() -> None:
+        client = aioredis.Redis.from_url(s.redis_url)
+        try:
+            await TrainerStore(client, s.redis_prefix).add_job(job)
+        finally:
+            await client.aclose()
+
+    def current():
+        return trainer.GetJob(trainer_pb2.GetJobRequest(id=job.id), timeout=10)
+
+    trainer.SetPolicy(trainer_pb2.SetPolicyRequest(mode="auto"), timeout=10)
+    try:
+        asyncio.run(leave_it_registered())
+        done = wait_for(lambda: current().rollout and current(), 300, "the hand-over")
+        assert done.rollout == "shadow" and done.state == "registered"
+        rollout = admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10)
+        assert (rollout.candidate, rollout.mode, rollout.live) == (adapter, "shadow", before.live)
+
+        # What the infer service publishes: three requests where live and shadow answered
+        # differently, and feedback on them favouring the live answers (good ratings, a
+        # correction matching live), some before their pair, one after it. The third pair
+        # makes the decision, with all three votes in.
+        live_answer, shadow_answer = "Yes, it lowers the risk.", "No, it raises the risk."
+        ids = [f"{job.id}-r{i}" for i in range(3)]
+        key = f"{s.redis_prefix}:trainer"
+        r = redis.Redis.from_url(s.redis_url)
+
+        def pair(request_id: str) -> bytes:
+            return events_pb2.ShadowPairEvent(
+                header=new_header("infer"),
+                request_id=request_id,
+                question="Does it lower the risk?",
+                live_adapter=before.live,
+                shadow_adapter=adapter,
+                live_answer=live_answer,
+                shadow_answer=shadow_answer,
+                agreement=0.5,
+            ).SerializeToString()
+
+        def feedback(request_id: str, **kw) -> bytes:
+            return events_pb2.FeedbackEvent(
+                header=new_header("infer"), request_id=request_id, **kw
+            ).SerializeToString()
+
+        publish(s, s.topic_feedback, feedback(ids[0], rating=1), feedback(ids[2], rating=1))
+        wait_for(
+            lambda: r.exists(f"{key}:feedback:{ids[0]}", f"{key}:feedback:{ids[2]}") == 2,
+            60,
+            "the trainer to keep the feedback",
+        )
+        publish(s, s.topic_shadow, pair(ids[0]), pair(ids[1]))
+        wait_for(lambda: r.hlen(f"{key}:shadow:{adapter}:differing") == 2, 60, "two pairs")
+        publish(s, s.topic_feedback, feedback(ids[1], rating=-1, correction="Yes, it lowers it."))
+        wait_for(lambda: r.scard(f"{key}:shadow:{adapter}:voted") == 2, 60, "two votes")
+        publish(s, s.topic_shadow, pair(ids[2]))
+
+        retired = read_events(
+            s,
+            s.topic_training,
+            events_pb2.TrainingEvent,
+            lambda e: e.job_id == job.id and e.kind == "retired",
+            timeout_s=60,
+        )
+        assert any("0 for the candidate, 3 for live" in reason for reason in retired.reasons), list(
+            retired.reasons
+        )
+        assert retired.shadow_pairs == 3
+        after = admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10)
+        assert after.live == before.live and after.mode != "shadow"
+        assert current().rollout == "retired"
+    finally:
+        trainer.SetPolicy(trainer_pb2.SetPolicyRequest(mode="manual"), timeout=10)
+        if admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10).candidate == adapter:
+            admin.SetRollout(
+                infer_pb2.SetRolloutRequest(mode="off", reason="test over"), timeout=60
+            )
 
 
 def test_retrain_requests_are_validated_deduplicated_and_cancellable(stack, trainer):

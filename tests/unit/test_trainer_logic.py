@@ -91,12 +91,46 @@ def test_rollout_promotes_a_healthy_candidate_whose_gate_still_stands():
         (ShadowTally(10, 8.0, 2), "base", "2 shadow calls failed"),
         (ShadowTally(10, 2.0, 0), "base", "agreement 0.20 < floor 0.30"),
         (ShadowTally(10, 8.0, 0), "abc", "live changed since the gate"),
+        (ShadowTally(10, 8.0, 0, 1, 2), "base", "1 for the candidate, 2 for live"),
     ],
 )
 def test_rollout_retires_with_the_reason(tally, live_now, why):
     action, reasons = rollout.decide(tally, ROLLOUT, "base", live_now, 0.1)
     assert action == "retire"
     assert any(why in r for r in reasons), reasons
+
+
+def test_feedback_retires_only_with_enough_votes_and_is_a_reason_to_promote():
+    few = rollout.decide(ShadowTally(10, 8.0, 0, 0, 2), ROLLOUT, "base", "base", 0.1)
+    assert few is not None and few[0] == "promote"
+    assert "0 for the candidate, 2 for live" in few[1][1]
+    tied = rollout.decide(ShadowTally(10, 8.0, 0, 2, 2), ROLLOUT, "base", "base", 0.1)
+    assert tied is not None and tied[0] == "promote"
+
+
+@pytest.mark.parametrize(
+    ("live", "shadow", "rating", "correction", "vote"),
+    [
+        ("yes", "no", 0, "no", "shadow"),
+        ("yes", "no", -1, "yes", "live"),  # the correction outweighs the rating
+        ("yes", "no", -1, "", "shadow"),
+        ("yes", "no", 1, "", "live"),
+        ("yes", "no", 0, "", None),
+        ("yes", "yes", -1, "no", None),  # same answers: feedback cannot tell them apart
+        ("yes", "no", 0, "maybe", None),
+        (
+            "Aspirin lowers the risk of a second infarction [1].",
+            "Aspirin has no effect on infarction risk [2].",
+            0,
+            "It lowers the risk of a second infarction.",
+            "live",
+        ),
+    ],
+)
+def test_feedback_on_a_live_answer_votes_for_the_answer_it_favours(
+    live, shadow, rating, correction, vote
+):
+    assert rollout.judge_feedback(live, shadow, rating, correction) == vote
 
 
 def test_shadow_agreement_leaves_failed_calls_out():
