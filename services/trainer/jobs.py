@@ -35,6 +35,7 @@ from services.infer.llm import LLMRequest
 from services.trainer import gate, rollout
 from services.trainer.data import Dataset, Example
 from services.trainer.evaluation import LABELS
+from services.trainer.recent import read_recent_chunks
 from services.trainer.settings import TrainerSettings
 from services.trainer.sources import Recipe, Search, Sources, build_dataset, read_labelled
 from services.trainer.store import ENDED, Correction, TrainerStore
@@ -272,8 +273,12 @@ class Trainer:
         t = time.perf_counter()
         request = job.request
         parent_dataset = None
+        s = self.settings
+        since_ms = now_ms() - int(s.trainer_recent_hours * 3600_000)
         if job.parent != BASE:
             info = await self.registry.get(job.parent)
+            if info is not None:  # what came in since the parent was trained
+                since_ms = max(since_ms, info.created_at_ms)
             digest = (info.lineage.get("dataset_hash") if info else "") or ""
             parent_file = self.datasets_dir / f"{digest}.json"
             if digest and parent_file.exists():
@@ -284,7 +289,21 @@ class Trainer:
             questions=list(request.questions),
             corrections=await self.store.corrections(self.settings.trainer_max_corrections),
             parent_dataset=parent_dataset,
+            recent_since_ms=since_ms,
         )
+        if s.trainer_recent_hours and self.recipe.max_recent_documents:
+            read = await asyncio.to_thread(
+                read_recent_chunks, s.kafka_bootstrap, s.topic_chunks, since_ms
+            )
+            sources.recent = read.chunks
+            log.info(
+                "job %s: %d chunks on %s since %d (%d unreadable)",
+                job.id,
+                len(read.chunks),
+                s.topic_chunks,
+                since_ms,
+                read.unreadable,
+            )
         dataset = await build_dataset(sources, self.recipe, self.search)
         self._check_cancelled(job)
         if not dataset.train:

@@ -202,6 +202,7 @@ async def main() -> None:
             with_reasons=settings.trainer_with_reasons,
             domain_k=settings.trainer_domain_k,
             max_documents=settings.trainer_max_documents,
+            max_recent_documents=settings.trainer_max_recent_documents,
             replay_share=settings.trainer_replay_share,
             eval_share=settings.trainer_eval_share,
             seed=settings.trainer_seed,

@@ -33,6 +33,11 @@ class TrainerSettings(CommonSettings):
     # and the most such passages per job.
     trainer_domain_k: int = Field(3, ge=0, le=20)
     trainer_max_documents: int = Field(200, ge=0)
+    # Documents ingested recently (chunks on the chunk topic since the parent adapter was
+    # registered, at most this many hours back) as continued-pretraining text: the newest
+    # KS_TRAINER_MAX_RECENT_DOCUMENTS chunks not already in the labelled questions' prompts.
+    trainer_recent_hours: float = Field(168.0, ge=0)
+    trainer_max_recent_documents: int = Field(100, ge=0)
     # Context of training prompts, in characters (eval prompts use the infer service's budget,
     # as served): the best-ranked passages, fewer of them, so a run on 400 questions stays
     # within 15 minutes on 2 CPU cores.

@@ -1,7 +1,8 @@
 """A job's dataset from its sources: labelled questions with the passages the retrieve service
-finds for them (so training sees what serving will show), passages retrieved for the domain
-questions of a retrain request (continued-pretraining text), users' corrections, and a replay
-sample of the parent adapter's training data.
+finds for them (so training sees what serving will show), continued-pretraining text (passages
+retrieved for the domain questions of a retrain request, and documents ingested recently, read
+back from the chunk topic), users' corrections, and a replay sample of the parent adapter's
+training data.
 
 Retrieval comes in as a function, so this runs against the live retrieve service or a fake.
 """
@@ -28,6 +29,7 @@ from services.trainer.data import (
     qa_example,
 )
 from services.trainer.evaluation import Item, load_items
+from services.trainer.recent import RecentChunk
 from services.trainer.store import Correction
 
 Search = Callable[[str, int], Awaitable[list[Passage]]]
@@ -41,6 +43,9 @@ class Sources:
     questions: list[str] = field(default_factory=list)
     corrections: list[Correction] = field(default_factory=list)
     parent_dataset: Dataset | None = None
+    # Chunks published since recent_since_ms (services/trainer/recent.py).
+    recent: list[RecentChunk] = field(default_factory=list)
+    recent_since_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,9 @@ class Recipe:
     with_reasons: bool
     domain_k: int
     max_documents: int
+    # Most recently ingested chunks per job (the newest; documents already in the labelled
+    # questions' prompts are left out).
+    max_recent_documents: int
     replay_share: float
     eval_share: float
     seed: int
@@ -100,12 +108,12 @@ async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dat
 
     # Labelled questions: the retrieved passages, or the item's own abstract when the knowledge
     # base does not hold it (counted: such a prompt differs from what serving would build).
-    found = await gather_limited(
+    found_for_items = await gather_limited(
         [retrieve(i.question, recipe.k) for i in items], recipe.concurrency
     )
     examples: list[Example] = []
     fallback = 0
-    for item, passages in zip(items, found, strict=True):
+    for item, passages in zip(items, found_for_items, strict=True):
         if not passages and item.contexts:
             fallback += 1
             passages = [Passage(item.id, "", "", " ".join(item.contexts))]
@@ -129,7 +137,7 @@ async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dat
     if corrections:
         provenance["corrections"] = {
             "count": len(corrections),
-            "offsets": offset_ranges(corrections),
+            "offsets": offset_ranges([c.offset for c in corrections]),
         }
 
     documents: dict[str, Example] = {}
@@ -143,6 +151,26 @@ async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dat
                 if len(documents) < recipe.max_documents and key not in documents:
                     documents[key] = document_example(key, f"{p.title}\n{p.text}".strip())
         provenance["domain_questions"] = len(sources.questions)
+    if sources.recent_since_ms and recipe.max_recent_documents:
+        in_prompts = {p.doc_id for passages in found_for_items for p in passages}
+        fresh = [chunk for chunk in sources.recent if chunk.doc_id not in in_prompts]
+        fresh.sort(key=lambda chunk: chunk.timestamp_ms, reverse=True)
+        used: list[RecentChunk] = []
+        for chunk in fresh:
+            if len(used) >= recipe.max_recent_documents:
+                break
+            if chunk.chunk_id not in documents:
+                documents[chunk.chunk_id] = document_example(
+                    chunk.chunk_id, f"{chunk.title}\n{chunk.text}".strip()
+                )
+                used.append(chunk)
+        provenance["recent_documents"] = {
+            "since_ms": sources.recent_since_ms,
+            "read": len(sources.recent),
+            "in_prompts": len(sources.recent) - len(fresh),
+            "used": len(used),
+            "offsets": offset_ranges([chunk.offset for chunk in used]),
+        }
     examples += documents.values()
 
     replay: list[Example] = []
@@ -157,11 +185,11 @@ async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dat
     return dataset
 
 
-def offset_ranges(corrections: list[Correction]) -> dict[str, list[int]]:
-    """{"topic:partition": [first offset, last offset]} of the corrections used."""
+def offset_ranges(offsets: list[str]) -> dict[str, list[int]]:
+    """{"topic:partition": [first offset, last offset]} of "<topic>:<partition>:<offset>"s."""
     ranges: dict[str, list[int]] = {}
-    for c in corrections:
-        topic_partition, _, offset = c.offset.rpartition(":")
+    for where in offsets:
+        topic_partition, _, offset = where.rpartition(":")
         n = int(offset)
         lo, hi = ranges.get(topic_partition, [n, n])
         ranges[topic_partition] = [min(lo, n), max(hi, n)]

@@ -55,6 +55,8 @@ def stack(tmp_path_factory, pubmedqa):
         "KS_TRAINER_GATE_MIN_GAIN": "-1",
         "KS_TRAINER_GATE_MAX_FORGETTING_PCT": "50",
         "KS_TRAINER_CHECKPOINT_EVERY": "1",
+        # Recently ingested documents (other tests ingest many): a few per job.
+        "KS_TRAINER_MAX_RECENT_DOCUMENTS": "3",
         "KS_TRAINER_SHADOW_SAMPLES": "3",
         # Manual unless a test turns it on: other tests own the rollout while they run.
         "KS_TRAINER_POLICY": "manual",

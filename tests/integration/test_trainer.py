@@ -23,7 +23,7 @@ from kafka import KafkaProducer
 
 from knowstream.events.v1 import events_pb2
 from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
-from knowstream.ingest.v1 import ingest_pb2_grpc
+from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
@@ -34,6 +34,7 @@ from services.common.kafka import new_header
 from services.common.keys import adapter_questions_key
 from services.common.models import resolve_llm_dir
 from services.common.redisutil import text
+from services.trainer.recent import read_recent_chunks
 from services.trainer.store import TrainerStore
 from tests.integration.conftest import read_dead_letters, read_events, wait_for
 
@@ -139,6 +140,14 @@ def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
     s = stack.settings
     trainer.SetPolicy(trainer_pb2.SetPolicyRequest(mode="auto"), timeout=10)
     try:
+        # A document ingested just now: recent domain text for the next job.
+        fresh = ingest_pb2.Document(
+            id=f"recent-{time.time_ns()}",
+            title="Statins after stroke",
+            text="A cohort study of statin use after ischaemic stroke and later outcomes. " * 8,
+        )
+        ingest = ingest_pb2_grpc.IngestServiceStub(sync_channel(s.address(s.ingest_port)))
+        ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=[fresh]), timeout=30)
         # What the monitor publishes when live questions drift.
         items = list(json.loads(labelled.read_text()).values())
         live_before = admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10).live
@@ -166,8 +175,13 @@ def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
         done = finished(trainer, job.id)
         assert done.state == "registered", (done.error, list(done.gate.reasons))
         # The request's questions brought their retrieved passages as domain text.
-        counts = json.loads(done.dataset_json)["counts"]
+        provenance = json.loads(done.dataset_json)
+        counts = provenance["counts"]
         assert counts.get("document", 0) >= 1
+        # ... and recently ingested documents, with the chunk topic's offsets they came from.
+        recent = provenance["recent_documents"]
+        assert 1 <= recent["used"] <= 3 and recent["read"] >= 1, recent
+        assert all(k.startswith(f"{s.topic_chunks}:") for k in recent["offsets"]), recent
         assert done.resumes >= 1 and done.step == done.steps
         assert done.gate.passed and done.gate.eval_items >= 1
         assert done.gate.base_perplexity > 1 and done.gate.perplexity > 1
@@ -420,6 +434,46 @@ def test_retrain_requests_are_validated_deduplicated_and_cancellable(stack, trai
     with pytest.raises(grpc.RpcError) as err:
         trainer.CancelJob(trainer_pb2.GetJobRequest(id=job.id), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_recent_chunks_are_read_back_by_time_in_their_newest_version(stack):
+    """What the trainer reads as recently ingested text, from the real broker: records since a
+    time, a re-ingested document in its newest version only, a deleted one left out."""
+    s = stack.settings
+    topic = f"test.recent.{time.time_ns()}"
+    producer = KafkaProducer(bootstrap_servers=s.kafka_bootstrap)
+
+    def chunk(doc: str, version: str, index: int) -> bytes:
+        return events_pb2.KnowledgeEvent(
+            chunk=events_pb2.ChunkEvent(
+                chunk_id=f"{doc}#{version}#{index}", doc_id=doc, content_hash=version, text="t"
+            )
+        ).SerializeToString()
+
+    def send(*records: tuple[str, bytes]) -> None:
+        for key, value in records:
+            producer.send(topic, value, key=key.encode())
+        producer.flush()
+
+    send(("before", chunk("before", "v1", 0)))
+    time.sleep(1.0)
+    since = int(time.time() * 1000)
+    time.sleep(0.2)
+    deleted = events_pb2.KnowledgeEvent(deleted=events_pb2.DocumentDeleted(doc_id="gone"))
+    send(
+        ("a", chunk("a", "v1", 0)),
+        ("a", chunk("a", "v1", 1)),
+        ("b", chunk("b", "v1", 0)),
+        ("a", chunk("a", "v2", 0)),
+        ("gone", chunk("gone", "v1", 0)),
+        ("gone", deleted.SerializeToString()),
+        ("junk", b"\xff\xfe not a protobuf"),
+    )
+    producer.close()
+    read = read_recent_chunks(s.kafka_bootstrap, topic, since)
+    assert sorted(c.chunk_id for c in read.chunks) == ["a#v2#0", "b#v1#0"]
+    assert read.deleted == {"gone"} and read.unreadable == 1
+    assert all(c.offset.startswith(f"{topic}:") for c in read.chunks)
 
 
 def test_bad_train_requests_are_refused(trainer, tmp_path):

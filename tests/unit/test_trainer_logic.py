@@ -14,6 +14,7 @@ from services.infer.prompts import Passage
 from services.trainer import gate, rollout
 from services.trainer.data import Dataset, Example, in_eval_split
 from services.trainer.jobs import parse_correction, parse_retrain
+from services.trainer.recent import RecentChunk
 from services.trainer.sources import Recipe, Sources, build_dataset, read_labelled
 from services.trainer.store import Correction, ShadowTally
 
@@ -144,6 +145,7 @@ RECIPE = Recipe(
     with_reasons=True,
     domain_k=2,
     max_documents=3,
+    max_recent_documents=2,
     replay_share=0.5,
     eval_share=0.3,
     seed=0,
@@ -207,6 +209,35 @@ def test_a_jobs_dataset_from_labelled_items_corrections_domain_text_and_replay(l
     assert {e.question for e in dataset.train if e.kind == "correction"} == {
         "is it so?",
         "is that so?",
+    }
+
+
+def test_recently_ingested_documents_not_in_the_prompts_are_continued_pretraining_text(
+    labelled,
+):
+    def chunk(doc: str, ts: int, offset: str) -> RecentChunk:
+        return RecentChunk(f"{doc}#h#0", doc, "h", f"title {doc}", f"text of {doc}", ts, offset)
+
+    recent = [
+        chunk("d1", 300, "ks.chunks:0:1"),  # retrieved for a labelled question: in its prompt
+        chunk("new-a", 100, "ks.chunks:1:5"),
+        chunk("new-b", 200, "ks.chunks:1:9"),
+        chunk("new-c", 150, "ks.chunks:0:3"),
+    ]
+    sources = Sources(labelled_path=str(labelled), recent=recent, recent_since_ms=50)
+    dataset = asyncio.run(build_dataset(sources, RECIPE, fake_search("")))
+    documents = {e.id: e.target for e in dataset.train if e.kind == "document"}
+    # The newest two of those not in a prompt (RECIPE.max_recent_documents).
+    assert documents == {
+        "doc:new-b#h#0": "title new-b\ntext of new-b",
+        "doc:new-c#h#0": "title new-c\ntext of new-c",
+    }
+    assert dataset.provenance["recent_documents"] == {
+        "since_ms": 50,
+        "read": 4,
+        "in_prompts": 1,
+        "used": 2,
+        "offsets": {"ks.chunks:1": [9, 9], "ks.chunks:0": [3, 3]},
     }
 
 

@@ -1,0 +1,114 @@
+"""Recently ingested documents, read back from the chunk topic (ks.chunks) by time: the
+continued-pretraining text of "what the domain has been writing lately", with the Kafka offsets
+it came from (a dataset's provenance).
+
+The topic is read directly (partitions assigned, no consumer group), from the first offset at or
+after ``since_ms`` until a poll finds nothing more past the end offsets seen when the read
+started (the embedded broker's end offsets can fall short of what it holds, so they are a
+lower bound, not where reading stops).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+from kafka import KafkaConsumer, TopicPartition
+
+from knowstream.events.v1 import events_pb2
+
+
+@dataclass
+class RecentChunk:
+    chunk_id: str
+    doc_id: str
+    content_hash: str  # the document version
+    title: str
+    text: str
+    timestamp_ms: int
+    offset: str  # "<topic>:<partition>:<offset>"
+
+
+@dataclass
+class RecentRead:
+    chunks: list[RecentChunk] = field(default_factory=list)
+    # Records that were not chunk events (counted, skipped).
+    unreadable: int = 0
+    # Documents deleted (and not re-ingested) since: their chunks are left out.
+    deleted: set[str] = field(default_factory=set)
+
+
+def read_recent_chunks(
+    bootstrap: str, topic: str, since_ms: int, timeout_s: float = 30.0
+) -> RecentRead:
+    """The chunks published on ``topic`` since ``since_ms`` of documents still there, each in
+    its newest version (records of one document share a partition: its id is the key)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=1000,
+    )
+    out = RecentRead()
+    by_id: dict[str, RecentChunk] = {}
+    # Doc id -> content hash of its last record: a document's records share a partition (its id
+    # is the key), so the last one read is its current version.
+    versions: dict[str, str] = {}
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        parts = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not parts:
+            return out
+        starts = consumer.offsets_for_times({tp: since_ms for tp in parts})
+        ends = consumer.end_offsets(parts)
+        # A partition with nothing at or after since_ms: Kafka answers None, the embedded
+        # broker a negative timestamp.
+        todo = {
+            tp: found.offset
+            for tp, found in starts.items()
+            if found is not None and found.timestamp >= 0
+        }
+        if not todo:
+            return out
+        consumer.assign(list(todo))
+        for tp, start in todo.items():
+            consumer.seek(tp, start)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            polled = consumer.poll(timeout_ms=500)
+            for tp, records in polled.items():
+                for record in records:
+                    if record.timestamp < since_ms:
+                        continue
+                    try:
+                        event = events_pb2.KnowledgeEvent.FromString(record.value)
+                    except DecodeError:
+                        out.unreadable += 1
+                        continue
+                    kind = event.WhichOneof("kind")
+                    if kind == "deleted":
+                        out.deleted.add(event.deleted.doc_id)
+                        versions.pop(event.deleted.doc_id, None)
+                        continue
+                    chunk = event.chunk
+                    if kind != "chunk" or not chunk.chunk_id or not chunk.text.strip():
+                        out.unreadable += 1
+                        continue
+                    out.deleted.discard(chunk.doc_id)
+                    versions[chunk.doc_id] = chunk.content_hash
+                    by_id[chunk.chunk_id] = RecentChunk(
+                        chunk.chunk_id,
+                        chunk.doc_id,
+                        chunk.content_hash,
+                        chunk.title,
+                        chunk.text,
+                        record.timestamp,
+                        f"{tp.topic}:{tp.partition}:{record.offset}",
+                    )
+            if not polled and all(consumer.position(tp) >= ends[tp] for tp in todo):
+                break
+        out.chunks = [c for c in by_id.values() if versions.get(c.doc_id) == c.content_hash]
+        return out
+    finally:
+        consumer.close()
