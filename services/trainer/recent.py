@@ -40,10 +40,16 @@ class RecentRead:
 
 
 def read_recent_chunks(
-    bootstrap: str, topic: str, since_ms: int, timeout_s: float = 30.0
+    bootstrap: str,
+    topic: str,
+    since_ms: int,
+    timeout_s: float = 30.0,
+    max_per_partition: int = 20_000,
 ) -> RecentRead:
     """The chunks published on ``topic`` since ``since_ms`` of documents still there, each in
-    its newest version (records of one document share a partition: its id is the key)."""
+    its newest version (records of one document share a partition: its id is the key). At most
+    the last ``max_per_partition`` records of each partition are read: a job wants the newest
+    few, and a busy topic holds a week of them."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -65,7 +71,7 @@ def read_recent_chunks(
         # A partition with nothing at or after since_ms: Kafka answers None, the embedded
         # broker a negative timestamp.
         todo = {
-            tp: found.offset
+            tp: max(found.offset, ends[tp] - max_per_partition)
             for tp, found in starts.items()
             if found is not None and found.timestamp >= 0
         }
