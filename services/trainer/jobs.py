@@ -655,11 +655,15 @@ class Trainer:
             await self.store.add_correction(correction)
         if not event.rating and not event.correction.strip():
             return
-        await self.store.keep_feedback(event.request_id, event.rating, event.correction)
         async with self.policy_lock:
             policy = await self.store.policy()
             watching = policy.get("watching", "")
-            pair = await self.store.differing_pair(watching, event.request_id) if watching else None
+            if not watching:  # no candidate in shadow: nothing to vote on
+                return
+            # Kept for a shadow pair still to come (the shadow call may finish after the
+            # user answered); whichever of the two comes second finds the other.
+            await self.store.keep_feedback(event.request_id, event.rating, event.correction)
+            pair = await self.store.differing_pair(watching, event.request_id)
             if pair is None:
                 return
             await self.vote(watching, event.request_id, *pair, event.rating, event.correction)

@@ -54,7 +54,6 @@ def read_recent_chunks(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         group_id=None,
-        consumer_timeout_ms=1000,
     )
     out = RecentRead()
     by_id: dict[str, RecentChunk] = {}
