@@ -274,28 +274,28 @@ class Trainer:
         request = job.request
         parent_dataset = None
         s = self.settings
+        # Recent documents: since the parent was trained, at most trainer_recent_hours back.
         since_ms = now_ms() - int(s.trainer_recent_hours * 3600_000)
         if job.parent != BASE:
             info = await self.registry.get(job.parent)
-            if info is not None:  # what came in since the parent was trained
+            if info is not None:
                 since_ms = max(since_ms, info.created_at_ms)
             digest = (info.lineage.get("dataset_hash") if info else "") or ""
             parent_file = self.datasets_dir / f"{digest}.json"
             if digest and parent_file.exists():
                 parent_dataset = Dataset.from_json(json.loads(parent_file.read_text()))
         sources = Sources(
-            labelled_path=request.labelled_data or self.settings.trainer_labelled_data,
+            labelled_path=request.labelled_data or s.trainer_labelled_data,
             limit=request.limit,
             questions=list(request.questions),
-            corrections=await self.store.corrections(self.settings.trainer_max_corrections),
+            corrections=await self.store.corrections(s.trainer_max_corrections),
             parent_dataset=parent_dataset,
-            recent_since_ms=since_ms,
         )
         if s.trainer_recent_hours and self.recipe.max_recent_documents:
             read = await asyncio.to_thread(
                 read_recent_chunks, s.kafka_bootstrap, s.topic_chunks, since_ms
             )
-            sources.recent = read.chunks
+            sources.recent, sources.recent_since_ms = read.chunks, since_ms
             log.info(
                 "job %s: %d chunks on %s since %d (%d unreadable)",
                 job.id,

@@ -13,10 +13,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer, TopicPartition
 
-from knowstream.events.v1 import events_pb2
+from services.common.kafka import BadEvent, parse_knowledge_event
 
 
 @dataclass
@@ -33,7 +32,7 @@ class RecentChunk:
 @dataclass
 class RecentRead:
     chunks: list[RecentChunk] = field(default_factory=list)
-    # Records that were not chunk events (counted, skipped).
+    # Records that are not valid chunk-topic events (counted, skipped).
     unreadable: int = 0
     # Documents deleted (and not re-ingested) since: their chunks are left out.
     deleted: set[str] = field(default_factory=set)
@@ -87,8 +86,8 @@ def read_recent_chunks(
                     if record.timestamp < since_ms:
                         continue
                     try:
-                        event = events_pb2.KnowledgeEvent.FromString(record.value)
-                    except DecodeError:
+                        event = parse_knowledge_event(record.value)
+                    except BadEvent:
                         out.unreadable += 1
                         continue
                     kind = event.WhichOneof("kind")
@@ -97,9 +96,8 @@ def read_recent_chunks(
                         versions.pop(event.deleted.doc_id, None)
                         continue
                     chunk = event.chunk
-                    if kind != "chunk" or not chunk.chunk_id or not chunk.text.strip():
-                        out.unreadable += 1
-                        continue
+                    if kind != "chunk" or not chunk.text.strip():
+                        continue  # nothing to train on
                     out.deleted.discard(chunk.doc_id)
                     versions[chunk.doc_id] = chunk.content_hash
                     by_id[chunk.chunk_id] = RecentChunk(

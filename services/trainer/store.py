@@ -33,19 +33,13 @@ def unfinished(job: trainer_pb2.Job) -> bool:
     return job.state not in ENDED or (job.state == "registered" and not job.rollout)
 
 
-# Counts one shadow pair once: (seen-set, tally hash), (request id, agreement, error 0/1).
-_COUNT_PAIR = """
+# Counts a request once in a tally: KEYS = (seen-set, tally hash); ARGV = (request id, then
+# field/increment pairs). Shadow pairs and feedback votes are both tallied this way.
+_COUNT_ONCE = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[2], 'pairs', 1)
-redis.call('HINCRBYFLOAT', KEYS[2], 'agreement_sum', ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'errors', ARGV[3])
-return 1
-"""
-
-# Counts one feedback vote per request once: (seen-set, tally hash), (request id, tally field).
-_COUNT_VOTE = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+for i = 2, #ARGV, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1])
+end
 return 1
 """
 # Differing shadow pairs and feedback are kept this long for each other (either comes first).
@@ -79,8 +73,7 @@ class TrainerStore:
     def __init__(self, client: aioredis.Redis, prefix: str):
         self.redis = client
         self.prefix = f"{prefix}:trainer"
-        self._count_pair = client.register_script(_COUNT_PAIR)
-        self._count_vote = client.register_script(_COUNT_VOTE)
+        self._count_once = client.register_script(_COUNT_ONCE)
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -180,18 +173,26 @@ class TrainerStore:
         self, adapter: str, request_id: str, agreement: float, error: bool
     ) -> bool:
         return bool(
-            await self._count_pair(
+            await self._count_once(
                 keys=[self._k("shadow", adapter, "seen"), self._k("shadow", adapter)],
-                args=[request_id, str(agreement if not error else 0.0), "1" if error else "0"],
+                args=[
+                    request_id,
+                    "pairs",
+                    "1",
+                    "agreement_sum",
+                    str(agreement if not error else 0.0),
+                    "errors",
+                    "1" if error else "0",
+                ],
             )
         )
 
     async def tally(self, adapter: str) -> ShadowTally:
         raw: dict[Any, Any] = await self.redis.hgetall(self._k("shadow", adapter))  # type: ignore[misc]
-        d = {text(k): text(v) for k, v in raw.items()}
+        d = {text(k): float(text(v)) for k, v in raw.items()}
         return ShadowTally(
             int(d.get("pairs", 0)),
-            float(d.get("agreement_sum", 0.0)),
+            d.get("agreement_sum", 0.0),
             int(d.get("errors", 0)),
             int(d.get("feedback_shadow", 0)),
             int(d.get("feedback_live", 0)),
@@ -227,8 +228,8 @@ class TrainerStore:
 
     async def count_vote(self, adapter: str, request_id: str, vote: str) -> bool:
         return bool(
-            await self._count_vote(
+            await self._count_once(
                 keys=[self._k("shadow", adapter, "voted"), self._k("shadow", adapter)],
-                args=[request_id, f"feedback_{vote}"],
+                args=[request_id, f"feedback_{vote}", "1"],
             )
         )

@@ -446,7 +446,11 @@ def test_recent_chunks_are_read_back_by_time_in_their_newest_version(stack):
     def chunk(doc: str, version: str, index: int) -> bytes:
         return events_pb2.KnowledgeEvent(
             chunk=events_pb2.ChunkEvent(
-                chunk_id=f"{doc}#{version}#{index}", doc_id=doc, content_hash=version, text="t"
+                header=new_header("ingest"),
+                chunk_id=f"{doc}#{version}#{index}",
+                doc_id=doc,
+                content_hash=version,
+                text="t",
             )
         ).SerializeToString()
 
@@ -459,7 +463,9 @@ def test_recent_chunks_are_read_back_by_time_in_their_newest_version(stack):
     time.sleep(1.0)
     since = int(time.time() * 1000)
     time.sleep(0.2)
-    deleted = events_pb2.KnowledgeEvent(deleted=events_pb2.DocumentDeleted(doc_id="gone"))
+    deleted = events_pb2.KnowledgeEvent(
+        deleted=events_pb2.DocumentDeleted(header=new_header("ingest"), doc_id="gone")
+    )
     send(
         ("a", chunk("a", "v1", 0)),
         ("a", chunk("a", "v1", 1)),
