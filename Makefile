@@ -6,17 +6,23 @@ PIP := $(VENV)/bin/pip
 GEN := services/gen
 PROTOS := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.installed
+# DeepSpeed's native ops, built where training processes look for them (KS_CACHE_DIR).
+NATIVE_OPS := $(or $(KS_CACHE_DIR),.cache)/torch_extensions/.built
 
-.PHONY: help setup proto up down status bootstrap test test-unit test-integration lint fmt typecheck bench bench-anchors clean
+.PHONY: help setup proto up down clean-data status bootstrap demo test test-unit test-integration lint fmt docs typecheck bench bench-anchors clean
 
 help:
 	@echo "make setup   create $(VENV) and install everything (pinned)"
-	@echo "make up      start broker, Redis (if none answers) and every service; waits for SERVING"
-	@echo "make down    stop what 'make up' started"
+	@echo "make up      start broker, the stack's own durable Redis and every service; waits for SERVING"
+	@echo "make up PROMETHEUS=1  the same, plus a Prometheus scraping every service (.run/prometheus)"
+	@echo "make down    stop what 'make up' started (its data stays under .run/)"
+	@echo "make clean-data  make down, then remove the stack's data (Redis, adapters, trainer jobs)"
 	@echo "make status  show each component"
-	@echo "make bootstrap  ingest the labelled PubMedQA items and make the loop's adapter live"
+	@echo "make bootstrap  ingest the labelled PubMedQA abstracts, learn 50 of them, make it live"
+	@echo "make demo    the loop end to end on a fresh stack (make clean-data first), ~15 min"
 	@echo "make test    run the test suite (starts its own stack on free ports)"
 	@echo "make lint    ruff + ruff format --check + mypy"
+	@echo "make docs    regenerate README.md's settings reference from the settings classes"
 	@echo "make bench   run the benchmarks against the running stack"
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-source.txt pyproject.toml
@@ -33,7 +39,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-source.txt pypro
 	echo "$(CURDIR)/$(GEN)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/knowstream-gen.pth
 	touch $(STAMP)
 
-setup: $(STAMP) proto
+# The first training job would otherwise compile them, under a lock that a job killed meanwhile
+# leaves behind (see services/trainer/native_ops.py).
+$(NATIVE_OPS): $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m services.trainer.native_ops build
+	touch $@
+
+setup: $(STAMP) $(NATIVE_OPS) proto
 
 $(GEN)/.stamp: $(PROTOS) $(STAMP)
 	rm -rf $(GEN) && mkdir -p $(GEN)
@@ -45,21 +57,44 @@ $(GEN)/.stamp: $(PROTOS) $(STAMP)
 proto: $(GEN)/.stamp
 
 up: setup
-	$(PY) -m deploy.stack up
+	$(if $(PROMETHEUS),KS_PROMETHEUS=$(PROMETHEUS)) $(PY) -m deploy.stack up
 
 down:
 	@test -x $(PY) && $(PY) -m deploy.stack down || echo "nothing to stop (no $(VENV))"
 
+# State survives `make down && make up`; this is the way to start from nothing.
+clean-data: down
+	$(PY) -m deploy.stack clean-data
+
 status:
 	$(PY) -m deploy.stack status
 
-# The first adapter, out of the box: the trainer trains it on the labelled PubMedQA items (its
-# eval split held out), the gate checks it against the base model, and it goes live (no shadow
-# phase: there is no live traffic to mirror yet). About 10 minutes on 2 CPU cores.
+# The first knowledge adapter, out of the box: the labelled PubMedQA abstracts are ingested, the
+# trainer learns the newest 50 of them (a fifth held out as control documents), the knowledge
+# gate checks it against the base model on probes of those abstracts, and it goes live (no
+# shadow phase: there is no live traffic to mirror yet).
 LABELLED ?= ../shared/data/pubmedqa/labeled.json
 bootstrap: setup
-	$(PY) -m services.cli.main --timeout 3600 train --data $(LABELLED) --ingest --parent base --promote \
-		--reason "bootstrap: the labelled PubMedQA items"
+	$(PY) -m services.cli.main --timeout 3600 train --mode knowledge --data $(LABELLED) --ingest \
+		--parent base --max-documents 50 --promote \
+		--reason "bootstrap: the newest 50 PubMedQA abstracts as knowledge"
+
+# The loop end to end (services/cli/demo.py; README "Demo"): oncology abstracts and questions,
+# a shift to cardiology questions whose abstracts are missing (a knowledge gap), those abstracts
+# ingested, the gap closed, an adapter trained on them, gated (then shadowed, promoted). Settings
+# that keep it within 20 minutes of 2 cores: windows of DEMO_WINDOW questions (an event after
+# two drifted ones), knowledge jobs capped at the newest 2 x DEMO_WINDOW documents (the missing
+# abstracts, not the first corpus as well), DEMO_PASSES passes (a second pass over 15 abstracts
+# cost 5 minutes and raised general-English perplexity 26.6%), DEMO_SHADOW shadow pairs. The
+# services take them at start: on a stack already up, `make down` first.
+DEMO_WINDOW ?= 10
+DEMO_PASSES ?= 1
+DEMO_SHADOW ?= 8
+demo: setup
+	KS_MONITOR_WINDOW=$(DEMO_WINDOW) KS_TRAINER_KNOWLEDGE_MAX_DOCUMENTS=$$((2 * $(DEMO_WINDOW))) \
+		KS_TRAINER_KNOWLEDGE_PASSES=$(DEMO_PASSES) KS_TRAINER_SHADOW_SAMPLES=$(DEMO_SHADOW) \
+		$(MAKE) up
+	$(PY) -m services.cli.demo --data $(LABELLED) --out .run/demo-drift.png
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -70,14 +105,24 @@ test-unit: setup
 test-integration: setup
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-lint: setup
+lint: setup lint-k8s
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Renders every Kubernetes overlay (kubectl kustomize) and validates it offline against the
+# Kubernetes schemas and the code's settings and topics; checks docker-compose.yml too.
+.PHONY: lint-k8s
+lint-k8s: setup
+	$(PY) -m deploy.k8s.validate
+
 fmt: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# README.md's settings tables, from each field's Field(description=...) (deploy/settings_doc.py).
+docs: setup
+	$(PY) -m deploy.settings_doc
 
 bench: setup
 	$(PY) -m bench.retrieval --data ../shared/data/pubmedqa/labeled.json --json
@@ -86,6 +131,7 @@ bench: setup
 	$(PY) -m bench.serving --json
 	$(PY) -m bench.drift --json
 	$(PY) -m bench.training --json
+	$(PY) -m bench.learning --json
 
 # alibi-detect (the drift benchmark's comparison) pins transformers<5: its own venv, with torch
 # from the same local CPU wheel.
@@ -98,5 +144,6 @@ $(ANCHORS)/.installed:
 	$(ANCHORS)/bin/pip install -q "alibi-detect[torch]==0.13.0" "numpy<2"
 	touch $@
 
+# Derived files only: the stack's data (Redis, adapters, trainer jobs) goes with `make clean-data`.
 clean:
-	rm -rf $(GEN) .run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(GEN) .run/logs .run/triton .pytest_cache .mypy_cache .ruff_cache

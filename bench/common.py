@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,13 @@ from services.common.settings import REPO_ROOT, CommonSettings
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "pubmedqa" / "labeled.json"
 
 
+def log(message: str) -> None:
+    """Progress for the reader; stdout is kept for the JSON result."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def load_pubmedqa(path: Path = DEFAULT_DATA) -> dict:  # type: ignore[type-arg]
-    return dict(json.loads(Path(path).read_text()))
+    return dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def stubs(settings: CommonSettings):  # type: ignore[no-untyped-def]

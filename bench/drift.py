@@ -58,7 +58,7 @@ def mesh_switch(data: Path, trials: int) -> dict[str, object]:
     PubMedQA questions: a reference of 100 adult-only questions, then 64 more adult-only
     questions and 64 paediatric ones; per random split, the delay from the switch to the first
     drifted window and to the event (K consecutive windows), and false alarms before it."""
-    items = json.loads(data.read_text())
+    items = json.loads(data.read_text(encoding="utf-8"))
     adult_ids, child_ids = mesh_groups(items)
     adult = [items[k]["QUESTION"] for k in adult_ids]
     child = [items[k]["QUESTION"] for k in child_ids]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from knowstream.ingest.v1 import ingest_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
-from services.cli.main import pubmedqa_document
+from services.cli.documents import pubmedqa_document
 from services.common.clients import sync_channel
 from services.common.settings import CommonSettings
 from services.retrieve.fusion import weighted_rrf
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=50)
     args = parser.parse_args(argv)
     settings = CommonSettings()
-    data = json.loads(args.data.read_text())
+    data = json.loads(args.data.read_text(encoding="utf-8"))
     ensure_ingested(data, settings)
     stub = retrieve_pb2_grpc.RetrieveServiceStub(
         sync_channel(settings.address(settings.retrieve_port))

@@ -26,20 +26,18 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.common import DEFAULT_DATA, load_pubmedqa, percentiles, searchable, stubs
+from bench.common import DEFAULT_DATA, load_pubmedqa, log, percentiles, searchable, stubs
 from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
-from services.cli.main import pubmedqa_document
+from services.cli.documents import pubmedqa_document
+from services.common.adapter_upload import upload_adapter
 from services.common.adapters import create_random_adapter
+from services.common.auth import triton_admin_headers
 from services.common.clients import sync_channel
 from services.common.models import resolve_llm_dir
 from services.common.settings import CommonSettings
 
 NEW_TOKENS = 32
 LABELS = ["yes", "no", "maybe"]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class Bench:
@@ -122,7 +120,10 @@ def reload_model(settings: CommonSettings, batching: bool) -> float:
     # A changed parameter makes Triton really reload (an identical config is a no-op).
     config.setdefault("parameters", {})["reload_token"] = {"string_value": str(time.time())}
     start = time.perf_counter()
-    client.load_model(settings.triton_model, config=json.dumps(config))
+    # The repository API answers only with the stack's admin key (deploy/stack.py).
+    client.load_model(
+        settings.triton_model, config=json.dumps(config), headers=triton_admin_headers(settings)
+    )
     took = time.perf_counter() - start
     deadline = time.monotonic() + 300
     while not client.is_model_ready(settings.triton_model) and time.monotonic() < deadline:
@@ -160,8 +161,8 @@ def bench_overhead(b: Bench, repeats: int) -> dict[str, Any]:
     """Same prompt, 32 new tokens, one request at a time: Ask through gRPC + Triton vs the
     engine called in this process. The two are interleaved so drift hits both alike."""
     from services.infer.engine import LLMEngine
-    from services.infer.llm import LLMRequest
-    from services.infer.prompts import build_prompt
+    from services.llm.llm import LLMRequest
+    from services.llm.prompts import build_prompt
 
     settings = b.settings
     engine = LLMEngine(
@@ -228,10 +229,8 @@ def random_adapters(settings: CommonSettings, n: int, seed0: int) -> list[Path]:
 
 
 def register(b: Bench, path: Path, load: bool = True) -> str:
-    status = b.admin.RegisterAdapter(
-        infer_pb2.RegisterAdapterRequest(path=str(path), load=load, description="bench"),
-        timeout=300,
-    )
+    # Uploaded as bytes: the server reads no path a client names outside its import directory.
+    status = upload_adapter(b.admin, path, timeout=300, description="bench", load=load)
     return str(status.id)
 
 

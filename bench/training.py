@@ -22,7 +22,7 @@ from typing import Any
 
 from services.common.models import resolve_llm_dir
 from services.common.settings import REPO_ROOT, CommonSettings
-from services.infer.prompts import Passage
+from services.llm.prompts import Passage
 from services.trainer.data import assemble, qa_example
 from services.trainer.evaluation import Item, load_items
 from services.trainer.train import TrainConfig, child_env
@@ -37,7 +37,7 @@ def passages(item: Item) -> list[Passage]:
 def run_job(job: Path, items: list[Item], config: TrainConfig) -> dict[str, Any]:
     job.mkdir(parents=True, exist_ok=True)
     dataset = assemble([qa_example(i, passages(i)) for i in items], eval_share=0.0)
-    (job / "dataset.json").write_text(json.dumps(dataset.to_json()))
+    (job / "dataset.json").write_text(json.dumps(dataset.to_json()), encoding="utf-8")
     config.save(job / "config.json")
     env = child_env(CommonSettings().cache_dir)
     started = time.perf_counter()
@@ -79,14 +79,14 @@ def loop(data: Path, tmp: Path) -> dict[str, Any]:
     from services.trainer.settings import TrainerSettings
 
     ts = TrainerSettings()
-    raw = json.loads(data.read_text())
+    raw = json.loads(data.read_text(encoding="utf-8"))
     held = {
         k: v
         for k, v in raw.items()
         if in_eval_split(f"qa:{k}", ts.trainer_eval_share, ts.trainer_seed)
     }
     held_file = tmp / "heldout.json"
-    held_file.write_text(json.dumps(held))
+    held_file.write_text(json.dumps(held), encoding="utf-8")
     started = time.perf_counter()
     job = knowstream(
         "train",
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = CommonSettings()
     model_dir = str(resolve_llm_dir(settings.llm_model, settings.cache_dir))
-    items = load_items(json.loads(args.data.read_text()))
+    items = load_items(json.loads(args.data.read_text(encoding="utf-8")))
     sections = set(args.sections.split(","))
     out: dict[str, Any] = {"model": settings.llm_model}
 

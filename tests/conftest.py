@@ -12,7 +12,7 @@ PUBMEDQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pubmedqa" 
 def pubmedqa() -> dict:
     if not PUBMEDQA.exists():
         pytest.fail(f"{PUBMEDQA} is missing: the tests need the shared PubMedQA data")
-    return json.loads(PUBMEDQA.read_text())
+    return json.loads(PUBMEDQA.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ from google.protobuf import json_format
 
 from knowstream.events.v1 import events_pb2
 from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
+from services.cli import stubs
 from services.cli.rpc import rpc_failed
-from services.common.clients import sync_channel
 from services.common.settings import CommonSettings
 from services.monitor.settings import MonitorSettings
 
@@ -71,9 +71,7 @@ def cmd_replay(args: argparse.Namespace, _settings: object) -> int:
 
 
 def _monitor(settings: CommonSettings) -> monitor_pb2_grpc.MonitorServiceStub:
-    return monitor_pb2_grpc.MonitorServiceStub(
-        sync_channel(settings.address(settings.monitor_port))
-    )
+    return stubs.monitor(settings)
 
 
 def _when(ms: int) -> str:
@@ -181,7 +179,7 @@ def cmd_events(args: argparse.Namespace, settings: CommonSettings) -> int:
     return 0
 
 
-def _ms(value: str) -> int:
+def parse_ms(value: str) -> int:
     """Milliseconds since epoch, or an ISO date/time (UTC unless it says otherwise)."""
     if value.isdigit():
         return int(value)
@@ -205,8 +203,8 @@ def cmd_reference(args: argparse.Namespace, settings: CommonSettings) -> int:
         elif args.adapter:
             request.adapter = args.adapter
         elif args.since:
-            request.time_range.from_ms = _ms(args.since)
-            request.time_range.to_ms = _ms(args.until) if args.until else 0
+            request.time_range.from_ms = parse_ms(args.since)
+            request.time_range.to_ms = parse_ms(args.until) if args.until else 0
         else:
             print("drift reference: give --file, --recent, --adapter or --since", file=sys.stderr)
             return 2

@@ -11,70 +11,32 @@ from pathlib import Path
 
 import grpc
 
-from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
-from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
+from knowstream.infer.v1 import infer_pb2
+from knowstream.retrieve.v1 import retrieve_pb2
+from services.cli import stubs
+from services.cli.documents import ensure_ingested
+from services.cli.knowledge import add_knowledge_command
 from services.cli.rpc import rpc_failed
-from services.common.clients import sync_channel
 from services.common.keys import EVAL_CALLER
 from services.common.settings import CommonSettings
 from services.trainer.evaluation import LABELS, Answer, Item, evaluate, load_items
 
 
-def ensure_ingested(
-    data: dict, ingest: ingest_pb2_grpc.IngestServiceStub, retrieve, timeout_s: float
-) -> int:  # type: ignore[type-arg]
-    """Ingests the file's abstracts (a no-op for those already indexed with the same content)
-    and waits until the new ones are searchable; returns how many were new."""
-    from services.cli.main import pubmedqa_document
-
-    docs = [pubmedqa_document(k, v) for k, v in data.items()]
-    reply = ingest.IngestDocumentStream(iter(docs), timeout=max(60.0, timeout_s))
-    if reply.rejected:
-        bad = [r for r in reply.results if r.error][:3]
-        raise ValueError(f"{reply.rejected} abstracts were rejected: {bad}")
-    new = [r.id for r in reply.results if r.status == ingest_pb2.INGEST_STATUS_ACCEPTED]
-    waiting = set(new)
-    deadline = time.monotonic() + timeout_s
-    while waiting:
-        for doc_id in list(waiting):
-            hits = retrieve.Search(
-                retrieve_pb2.SearchRequest(
-                    query=data[doc_id]["QUESTION"],
-                    k=1,
-                    filters=retrieve_pb2.SearchFilters(doc_ids=[doc_id]),
-                ),
-                timeout=10,
-            ).hits
-            if hits:
-                waiting.discard(doc_id)
-        if waiting and time.monotonic() > deadline:
-            raise TimeoutError(f"{len(waiting)} abstracts not searchable after {timeout_s:.0f}s")
-        if waiting:
-            time.sleep(1)
-    return len(new)
-
-
 def cmd_eval_pubmedqa(args: argparse.Namespace, settings: CommonSettings) -> int:
     try:
-        data = json.loads(Path(args.data).read_text())
+        data = json.loads(Path(args.data).read_text(encoding="utf-8"))
         items = load_items(data)
     except (OSError, ValueError) as exc:
         print(f"eval: {args.data}: {exc}", file=sys.stderr)
         return 2
     if args.limit:
         items = items[: args.limit]
-    infer = infer_pb2_grpc.InferServiceStub(sync_channel(settings.address(settings.infer_port)))
-    retrieve = retrieve_pb2_grpc.RetrieveServiceStub(
-        sync_channel(settings.address(settings.retrieve_port))
-    )
+    infer = stubs.infer(settings)
+    retrieve = stubs.retrieve(settings)
     retrieval = not args.no_retrieval
     try:
         if retrieval:
-            ingest = ingest_pb2_grpc.IngestServiceStub(
-                sync_channel(settings.address(settings.ingest_port))
-            )
-            new = ensure_ingested(data, ingest, retrieve, args.ingest_timeout)
+            new = ensure_ingested(data, stubs.ingest(settings), retrieve, args.ingest_timeout)
             print(f"ingested {new} new abstracts", file=sys.stderr)
 
         def ask(item: Item) -> Answer:
@@ -138,3 +100,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     a.add_argument("--ingest-timeout", type=float, default=600)
     a.add_argument("--json", action="store_true", help="no progress; the last line is JSON")
     a.set_defaults(func=cmd_eval_pubmedqa)
+    add_knowledge_command(kinds)

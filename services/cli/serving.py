@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,20 +15,14 @@ import grpc
 
 from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2
+from services.cli import stubs
 from services.cli.rpc import rpc_failed
 from services.cli.train import add_policy_command
-from services.common.clients import sync_channel
+from services.common.adapter_upload import upload_adapter
 from services.common.settings import CommonSettings
 
-
-def _infer(settings: CommonSettings) -> infer_pb2_grpc.InferServiceStub:
-    return infer_pb2_grpc.InferServiceStub(sync_channel(settings.address(settings.infer_port)))
-
-
-def _admin(settings: CommonSettings) -> infer_pb2_grpc.AdapterAdminServiceStub:
-    return infer_pb2_grpc.AdapterAdminServiceStub(
-        sync_channel(settings.address(settings.infer_port))
-    )
+_infer = stubs.infer
+_admin = stubs.admin
 
 
 def ask_request(args: argparse.Namespace) -> infer_pb2.AskRequest:
@@ -199,84 +194,108 @@ def print_lineage(
             return
 
 
+def _adapters_list(admin: Any, args: argparse.Namespace) -> None:
+    reply = admin.ListAdapters(infer_pb2.ListAdaptersRequest(), timeout=args.timeout)
+    if args.json:
+        adapters = [_adapter_dict(a) for a in reply.adapters]
+        print(json.dumps({"adapters": adapters, "rollout": _rollout_dict(reply.rollout)}))
+        return
+    print(f"{'ID':<18} {'ALIASES':<16} {'LOADED':<7} {'RANK':<5} {'SOURCE':<10} CREATED")
+    for a in reply.adapters:
+        print(
+            f"{a.id:<18} {','.join(a.aliases) or '-':<16} {'yes' if a.loaded else 'no':<7} "
+            f"{a.rank:<5} {a.source or '-':<10} {_when(a.created_at_ms)}"
+        )
+    print()
+    _print_rollout(reply.rollout, False)
+
+
+def _adapters_show(admin: Any, args: argparse.Namespace) -> None:
+    request = infer_pb2.GetAdapterRequest(adapter=args.adapter)
+    status = admin.GetAdapter(request, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(_adapter_dict(status)))
+        return
+    print(json.dumps(_adapter_dict(status), indent=2))
+    print_lineage(admin, status, args.timeout)
+
+
+def _adapters_register(admin: Any, args: argparse.Namespace) -> None:
+    description = args.description or ""
+    if args.server_path:  # a directory inside the service's import directory
+        request = infer_pb2.RegisterAdapterRequest(
+            path=args.path, description=description, load=args.load
+        )
+        status = admin.RegisterAdapter(request, timeout=args.timeout)
+    else:
+        status = upload_adapter(
+            admin, Path(args.path), timeout=args.timeout, description=description, load=args.load
+        )
+    print(json.dumps(_adapter_dict(status)) if args.json else status.id)
+
+
+def _print_loaded(reply: Any, args: argparse.Namespace, done: str) -> None:
+    if args.json:
+        loaded = {"adapter_id": reply.adapter_id, "loaded": list(reply.loaded)}
+        print(json.dumps(loaded | ({"load_s": reply.load_s} if done == "loaded" else {})))
+    elif done == "loaded":
+        holds = ", ".join(reply.loaded)
+        print(f"{reply.adapter_id} loaded in {reply.load_s:.3f}s; Triton holds: {holds}")
+    else:
+        print(f"{reply.adapter_id} unloaded; Triton holds: {', '.join(reply.loaded) or 'none'}")
+
+
+def _adapters_load(admin: Any, args: argparse.Namespace) -> None:
+    adapter = args.adapter
+    if Path(adapter).is_dir():  # a local directory: uploaded first
+        adapter = upload_adapter(admin, Path(adapter), timeout=args.timeout).id
+    request = infer_pb2.LoadAdapterRequest(adapter=adapter)
+    _print_loaded(admin.LoadAdapter(request, timeout=args.timeout), args, "loaded")
+
+
+def _adapters_unload(admin: Any, args: argparse.Namespace) -> None:
+    request = infer_pb2.LoadAdapterRequest(adapter=args.adapter)
+    _print_loaded(admin.UnloadAdapter(request, timeout=args.timeout), args, "unloaded")
+
+
+def _adapters_rollout(admin: Any, args: argparse.Namespace) -> None:
+    """shadow / canary / off."""
+    request = infer_pb2.SetRolloutRequest(adapter=getattr(args, "adapter", ""), mode=args.action)
+    if getattr(args, "share", None) is not None:
+        request.share = args.share
+    _print_rollout(admin.SetRollout(request, timeout=args.timeout), args.json)
+
+
+def _adapters_promote(admin: Any, args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    request = infer_pb2.PromoteRequest(adapter=args.adapter or "", reason=args.reason or "")
+    _print_rollout(admin.Promote(request, timeout=args.timeout), args.json)
+    if not args.json:
+        print(f"promoted in {time.perf_counter() - start:.3f}s")
+
+
+def _adapters_rollback(admin: Any, args: argparse.Namespace) -> None:
+    request = infer_pb2.RollbackRequest(reason=args.reason or "")
+    _print_rollout(admin.Rollback(request, timeout=args.timeout), args.json)
+
+
+ADAPTER_ACTIONS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
+    "list": _adapters_list,
+    "show": _adapters_show,
+    "register": _adapters_register,
+    "load": _adapters_load,
+    "unload": _adapters_unload,
+    "shadow": _adapters_rollout,
+    "canary": _adapters_rollout,
+    "off": _adapters_rollout,
+    "promote": _adapters_promote,
+    "rollback": _adapters_rollback,
+}
+
+
 def cmd_adapters(args: argparse.Namespace, settings: CommonSettings) -> int:
-    admin = _admin(settings)
-    t = args.timeout
     try:
-        if args.action == "list":
-            reply = admin.ListAdapters(infer_pb2.ListAdaptersRequest(), timeout=t)
-            if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "adapters": [_adapter_dict(a) for a in reply.adapters],
-                            "rollout": _rollout_dict(reply.rollout),
-                        }
-                    )
-                )
-                return 0
-            print(f"{'ID':<18} {'ALIASES':<16} {'LOADED':<7} {'RANK':<5} {'SOURCE':<10} CREATED")
-            for a in reply.adapters:
-                print(
-                    f"{a.id:<18} {','.join(a.aliases) or '-':<16} {'yes' if a.loaded else 'no':<7} "
-                    f"{a.rank:<5} {a.source or '-':<10} {_when(a.created_at_ms)}"
-                )
-            print()
-            _print_rollout(reply.rollout, False)
-        elif args.action == "show":
-            status = admin.GetAdapter(infer_pb2.GetAdapterRequest(adapter=args.adapter), timeout=t)
-            if args.json:
-                print(json.dumps(_adapter_dict(status)))
-            else:
-                print(json.dumps(_adapter_dict(status), indent=2))
-                print_lineage(admin, status, t)
-        elif args.action == "register":
-            status = admin.RegisterAdapter(
-                infer_pb2.RegisterAdapterRequest(
-                    path=str(Path(args.path).resolve()),
-                    description=args.description or "",
-                    load=args.load,
-                ),
-                timeout=t,
-            )
-            print(json.dumps(_adapter_dict(status)) if args.json else status.id)
-        elif args.action == "load":
-            adapter = args.adapter
-            if Path(adapter).is_dir():
-                adapter = admin.RegisterAdapter(
-                    infer_pb2.RegisterAdapterRequest(path=str(Path(adapter).resolve())), timeout=t
-                ).id
-            reply = admin.LoadAdapter(infer_pb2.LoadAdapterRequest(adapter=adapter), timeout=t)
-            print(
-                f"{reply.adapter_id} loaded in {reply.load_s:.3f}s; Triton holds: "
-                f"{', '.join(reply.loaded)}"
-            )
-        elif args.action == "unload":
-            reply = admin.UnloadAdapter(
-                infer_pb2.LoadAdapterRequest(adapter=args.adapter), timeout=t
-            )
-            print(f"{reply.adapter_id} unloaded; Triton holds: {', '.join(reply.loaded) or 'none'}")
-        elif args.action in ("shadow", "canary", "off"):
-            request = infer_pb2.SetRolloutRequest(
-                adapter=getattr(args, "adapter", ""), mode=args.action
-            )
-            if getattr(args, "share", None) is not None:
-                request.share = args.share
-            _print_rollout(admin.SetRollout(request, timeout=t), args.json)
-        elif args.action == "promote":
-            start = time.perf_counter()
-            r = admin.Promote(
-                infer_pb2.PromoteRequest(adapter=args.adapter or "", reason=args.reason or ""),
-                timeout=t,
-            )
-            _print_rollout(r, args.json)
-            if not args.json:
-                print(f"promoted in {time.perf_counter() - start:.3f}s")
-        elif args.action == "rollback":
-            _print_rollout(
-                admin.Rollback(infer_pb2.RollbackRequest(reason=args.reason or ""), timeout=t),
-                args.json,
-            )
+        ADAPTER_ACTIONS[args.action](_admin(settings), args)
     except grpc.RpcError as exc:
         return rpc_failed(f"adapters {args.action}", exc)
     return 0
@@ -312,15 +331,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     a = acts.add_parser("show", help="metadata and lineage of an adapter (id or alias)")
     a.add_argument("adapter")
     a.add_argument("--json", action="store_true")
-    a = acts.add_parser("register", help="store and register a peft adapter directory")
+    a = acts.add_parser(
+        "register", help="upload and register a peft adapter directory (or a tar of one)"
+    )
     a.add_argument("path")
+    a.add_argument(
+        "--server-path",
+        action="store_true",
+        help="PATH is a directory inside the service's import directory (KS_IMPORT_DIR): the "
+        "service reads it there instead of receiving the files",
+    )
     a.add_argument("--description")
     a.add_argument("--load", action="store_true")
     a.add_argument("--json", action="store_true")
     a = acts.add_parser("load", help="load an adapter (id, alias or directory) into Triton")
     a.add_argument("adapter")
-    a = acts.add_parser("unload")
+    a.add_argument("--json", action="store_true")
+    a = acts.add_parser("unload", help="unload an adapter from Triton (it stays registered)")
     a.add_argument("adapter")
+    a.add_argument("--json", action="store_true")
     for mode, default_help in (("shadow", "mirrored share"), ("canary", "served share")):
         a = acts.add_parser(mode, help=f"make an adapter the candidate in {mode} mode")
         a.add_argument("adapter")

@@ -13,17 +13,16 @@ import grpc
 from google.protobuf import json_format
 
 from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.cli import stubs
+from services.cli.documents import ensure_ingested
 from services.cli.rpc import rpc_failed
-from services.common.clients import sync_channel
+from services.common.importdir import stage_for_import
 from services.common.settings import CommonSettings
 
 SUCCESS = ("registered",)
 
 
-def _trainer(settings: CommonSettings) -> trainer_pb2_grpc.TrainerServiceStub:
-    return trainer_pb2_grpc.TrainerServiceStub(
-        sync_channel(settings.address(settings.trainer_port))
-    )
+_trainer = stubs.trainer
 
 
 def job_dict(job: trainer_pb2.Job) -> dict[str, Any]:
@@ -77,16 +76,10 @@ def print_outcome(job: trainer_pb2.Job) -> None:
 def ingest_labelled(path: Path, settings: CommonSettings, timeout_s: float) -> int:
     """Ingests a labelled file's abstracts and waits until they are searchable, so the trainer
     retrieves them as serving will."""
-    from knowstream.ingest.v1 import ingest_pb2_grpc
-    from knowstream.retrieve.v1 import retrieve_pb2_grpc
-    from services.cli.evaluate import ensure_ingested
-
     return ensure_ingested(
-        json.loads(path.read_text()),
-        ingest_pb2_grpc.IngestServiceStub(sync_channel(settings.address(settings.ingest_port))),
-        retrieve_pb2_grpc.RetrieveServiceStub(
-            sync_channel(settings.address(settings.retrieve_port))
-        ),
+        json.loads(path.read_text(encoding="utf-8")),
+        stubs.ingest(settings),
+        stubs.retrieve(settings),
         timeout_s,
     )
 
@@ -94,7 +87,10 @@ def ingest_labelled(path: Path, settings: CommonSettings, timeout_s: float) -> i
 def cmd_train(args: argparse.Namespace, settings: CommonSettings) -> int:
     stub = _trainer(settings)
     request = trainer_pb2.TrainRequest(
-        labelled_data=str(Path(args.data).resolve()) if args.data else "",
+        # The trainer reads only its import directory: a local file is copied there first.
+        labelled_data=stage_for_import(Path(args.data), settings.import_root())
+        if args.data
+        else "",
         limit=args.limit,
         parent=args.parent or "",
         epochs=args.epochs,
@@ -103,13 +99,28 @@ def cmd_train(args: argparse.Namespace, settings: CommonSettings) -> int:
         reason=args.reason or "manual",
         questions=args.question or [],
         max_tokens=args.max_tokens,
+        mode={
+            "knowledge": trainer_pb2.TRAIN_MODE_KNOWLEDGE,
+            "labelled": trainer_pb2.TRAIN_MODE_LABELLED,
+        }.get(args.mode or "", trainer_pb2.TRAIN_MODE_UNSPECIFIED),
+        max_documents=args.max_documents,
     )
+    if args.since:
+        from services.cli.drift import parse_ms
+
+        try:
+            request.since_ms = parse_ms(args.since)
+        except ValueError as exc:
+            print(f"train: --since: {exc}", file=sys.stderr)
+            return 2
     if args.min_gain is not None:
         request.gate.min_gain = args.min_gain
     if args.max_forgetting is not None:
         request.gate.max_forgetting_pct = args.max_forgetting
     if args.min_eval_items is not None:
         request.gate.min_eval_items = args.min_eval_items
+    if args.force_reason:
+        request.gate.force_reason = args.force_reason
     try:
         if args.ingest:
             if not args.data:
@@ -189,6 +200,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--data", help="PubMedQA-format labelled file (default: the trainer's setting)")
     p.add_argument("--limit", type=int, default=0, help="only the first N labelled items")
     p.add_argument(
+        "--mode",
+        choices=["knowledge", "labelled"],
+        help="learn the documents ingested since --since (knowledge) or the labelled "
+        "questions of --data (labelled); default: the trainer's KS_TRAINER_MODE",
+    )
+    p.add_argument(
+        "--max-documents", type=int, default=0, help="knowledge mode: the newest N documents"
+    )
+    p.add_argument(
+        "--since",
+        help="knowledge mode: documents ingested since (ms since epoch or ISO time; "
+        "default: since the parent adapter)",
+    )
+    p.add_argument(
         "--ingest", action="store_true", help="ingest the file's abstracts first and wait for them"
     )
     p.add_argument("--parent", help="adapter to start from (default: live; 'base' = new LoRA)")
@@ -198,6 +223,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--min-gain", type=float, help="gate: least accuracy gain over live")
     p.add_argument("--max-forgetting", type=float, help="gate: largest perplexity rise, percent")
     p.add_argument("--min-eval-items", type=int, help="gate: fewest eval items")
+    p.add_argument(
+        "--force-reason", help="why a gate looser than the service's (recorded; required then)"
+    )
     p.add_argument("--no-rollout", action="store_true", help="register only; no shadow")
     p.add_argument(
         "--promote", action="store_true", help="make it live once it passes the gate (no shadow)"

@@ -10,6 +10,8 @@ in Redis:
 - ``<prefix>:rollout``: hash {live, candidate, mode (off|shadow|canary), shadow_share,
   canary_share, version, updated_at_ms}; one hash, so a flip is one atomic write
 - ``<prefix>:rollout:history``: earlier live adapters, newest first (what rollback restores)
+- ``<prefix>:adapter:<id>:questions``: the questions an adapter was trained on (a list, written
+  with its registration), the monitor's reference when it compares live traffic with them
 
 Trainer and infer service both use this module; the Triton model only reads the store.
 """
@@ -22,12 +24,14 @@ import json
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from services.common.errors import FailedPrecondition, NotFound
 from services.common.redisutil import text
 from services.common.settings import CommonSettings
 
@@ -37,11 +41,11 @@ ALIASES = ("live", "shadow", "canary", "candidate", BASE)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-class UnknownAdapter(LookupError):
+class UnknownAdapter(NotFound):
     pass
 
 
-class RolloutError(ValueError):
+class RolloutError(FailedPrecondition, ValueError):
     pass
 
 
@@ -111,7 +115,7 @@ class Rollout:
 def content_id(source: Path) -> str:
     """Hash of the adapter's weights and its config (canonical JSON), 16 hex digits."""
     digest = hashlib.sha256()
-    config = json.loads((source / "adapter_config.json").read_text())
+    config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
     digest.update(json.dumps(config, sort_keys=True).encode())
     with open(source / "adapter_model.safetensors", "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -140,7 +144,7 @@ def store_adapter(source: Path, adapter_dir: Path) -> tuple[str, Path]:
 
 
 def describe(path: Path) -> dict[str, Any]:
-    config = json.loads((path / "adapter_config.json").read_text())
+    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
     modules = config.get("target_modules") or []
     return {
         "base_model": str(config.get("base_model_name_or_path") or ""),
@@ -206,12 +210,17 @@ class AdapterRegistry:
         parent: str = "",
         description: str = "",
         lineage: dict[str, Any] | None = None,
+        training_questions: Sequence[str] = (),
     ) -> tuple[AdapterInfo, bool]:
-        """Stores and registers an adapter; returns its info and whether it was new."""
+        """Stores and registers an adapter; returns its info and whether it was new. The
+        questions it was trained on, if any, are kept with it (replacing earlier ones: the same
+        weights registered again were trained on the same data)."""
         # Copying and hashing the weights is file work: off the event loop.
         adapter_id, path = await asyncio.to_thread(store_adapter, Path(source), self.adapter_dir)
         existing = await self.get(adapter_id)
         if existing is not None:
+            if training_questions:
+                await self._keep_questions(adapter_id, training_questions)
             return existing, False
         info = AdapterInfo(
             id=adapter_id,
@@ -226,7 +235,24 @@ class AdapterRegistry:
             pipe.hset(self._key(adapter_id), mapping=info.to_redis())  # type: ignore[arg-type]
             pipe.zadd(self.index_key, {adapter_id: info.created_at_ms})
             await pipe.execute()
+        if training_questions:
+            await self._keep_questions(adapter_id, training_questions)
         return info, True
+
+    async def _keep_questions(self, adapter_id: str, questions: Sequence[str]) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._questions_key(adapter_id))
+            pipe.rpush(self._questions_key(adapter_id), *questions)
+            await pipe.execute()
+
+    async def training_questions(self, adapter_id: str, limit: int) -> list[str]:
+        """Up to ``limit`` of the questions ``adapter_id`` was trained on (none recorded: [])."""
+        key = self._questions_key(adapter_id)
+        raw: list[Any] = await self.redis.lrange(key, 0, limit - 1)  # type: ignore[misc]
+        return [text(q) for q in raw]
+
+    def _questions_key(self, adapter_id: str) -> str:
+        return self.settings.key("adapter", adapter_id, "questions")
 
     async def get(self, adapter_id: str) -> AdapterInfo | None:
         raw = await self.redis.hgetall(self._key(adapter_id))  # type: ignore[misc]

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def cpu_has_bf16() -> bool:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -10,33 +10,42 @@ readiness check passes, and flips back when one fails (a lost broker or Redis sh
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.audit import AuditLog
+from services.common.auth import server_tokens
+from services.common.authz import AuthInterceptor
+from services.common.errors import ServiceError
 from services.common.logs import setup_logging
 from services.common.metrics import RPC_LATENCY, start_metrics_server
 from services.common.settings import CommonSettings
+from services.common.tls import server_credentials
+from services.common.tracing import server_context
+from services.common.tracing import use as use_trace
 
 log = logging.getLogger(__name__)
 
 Check = Callable[[], Awaitable[bool]]
 Hook = Callable[[], Awaitable[Any]]
 
-# Large enough that an oversized document reaches our own validation (and gets a clear
-# INVALID_ARGUMENT) instead of gRPC's generic RESOURCE_EXHAUSTED.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
+
+def message_options(settings: CommonSettings) -> list[tuple[str, int]]:
+    """Message size limits of every server and client (KS_GRPC_MAX_MESSAGE_BYTES): at most the
+    broker's record limit, so whatever a service accepts it can also publish. A request above
+    it gets gRPC's RESOURCE_EXHAUSTED; one under it that breaks a field cap gets our own
+    INVALID_ARGUMENT naming the field."""
+    size = settings.grpc_max_message_bytes
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
 
 
 class _Undecodable:
@@ -69,8 +78,10 @@ def _bad_request_message(error: str) -> str:
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Times every RPC, labels it with its status code, and turns unexpected exceptions into
-    INTERNAL with a message instead of a bare UNKNOWN."""
+    """Times every RPC, labels it with its status code, turns unexpected exceptions into
+    INTERNAL with a message instead of a bare UNKNOWN, and runs the handler under the caller's
+    trace (``traceparent`` metadata; a new trace when it sent none). Each call is a task of its
+    own, so the trace set here is seen by that call only."""
 
     def __init__(self, service: str):
         self.service = service
@@ -87,32 +98,66 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             name = code.name if isinstance(code, grpc.StatusCode) else "OK"
             RPC_LATENCY.labels(service, method, name).observe(time.perf_counter() - start)
 
+        async def answer_error(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+            """Every RPC kind answers an escaped error the same way (the error contract)."""
+            if isinstance(exc, _BadRequest):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if isinstance(exc, ServiceError):
+                await context.abort(exc.code, str(exc))
+            request_id = uuid.uuid4().hex[:12]
+            log.exception("unhandled error in %s", method, extra={"request_id": request_id})
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error ({type(exc).__name__}): {exc} [request {request_id}]",
+            )
+
         async def guard(call: Awaitable[Any], context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             try:
                 return await call
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
-            except _BadRequest as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except Exception as exc:
-                request_id = uuid.uuid4().hex[:12]
-                log.exception("unhandled error in %s", method, extra={"request_id": request_id})
-                await context.abort(
-                    grpc.StatusCode.INTERNAL,
-                    f"internal error ({type(exc).__name__}): {exc} [request {request_id}]",
-                )
+                await answer_error(exc, context)
             finally:
                 observe(start, context)
+
+        async def guard_stream(
+            responses: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            try:
+                if inspect.isasyncgen(responses):
+                    async for item in responses:
+                        yield item
+                else:  # a handler that writes with context.write
+                    await responses
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await answer_error(exc, context)
+            finally:
+                observe(start, context)
+
+        async def checked(request_iterator):  # type: ignore[no-untyped-def]
+            async for request in request_iterator:
+                if isinstance(request, _Undecodable):
+                    raise _BadRequest(_bad_request_message(request.error))
+                yield request
+
+        async def begin(request: Any, context: grpc.aio.ServicerContext) -> None:
+            """Each call runs on its caller's trace and refuses a request it could not decode."""
+            use_trace(server_context(context.invocation_metadata()))
+            if isinstance(request, _Undecodable):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, _bad_request_message(request.error)
+                )
 
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request, context):  # type: ignore[no-untyped-def]
-                if isinstance(request, _Undecodable):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, _bad_request_message(request.error)
-                    )
+                await begin(request, context)
                 return await guard(inner_uu(request, context), context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -121,28 +166,65 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_unary:
             inner_su = handler.stream_unary
 
-            async def checked(request_iterator):  # type: ignore[no-untyped-def]
-                async for request in request_iterator:
-                    if isinstance(request, _Undecodable):
-                        raise _BadRequest(_bad_request_message(request.error))
-                    yield request
-
             async def stream_unary(request_iterator, context):  # type: ignore[no-untyped-def]
+                use_trace(server_context(context.invocation_metadata()))
                 return await guard(inner_su(checked(request_iterator), context), context)
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, _tolerant(handler.request_deserializer), handler.response_serializer
             )
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request, context):  # type: ignore[no-untyped-def]
+                await begin(request, context)
+                async for item in guard_stream(inner_us(request, context), context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
+            )
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(request_iterator, context):  # type: ignore[no-untyped-def]
+                use_trace(server_context(context.invocation_metadata()))
+                responses = inner_ss(checked(request_iterator), context)
+                async for item in guard_stream(responses, context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, _tolerant(handler.request_deserializer), handler.response_serializer
+            )
         return handler
 
 
 class GrpcApp:
-    def __init__(self, name: str, host: str, port: int, grace_s: float = 5.0):
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        grace_s: float = 5.0,
+        settings: CommonSettings | None = None,
+    ):
         self.name = name
         self.address = f"{host}:{port}"
         self.grace_s = grace_s
+        self.settings = settings or CommonSettings()
+        # Fails here, at start-up, when auth is on and no token set can be read.
+        self.tokens = server_tokens(self.settings)
+        self.audit = AuditLog(self.settings, name)
+        # Observability outermost, so refused calls are timed and counted by code as well.
         self.server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(name)], options=CHANNEL_OPTIONS
+            interceptors=[
+                ObservabilityInterceptor(name),
+                AuthInterceptor(name, self.tokens, self.audit),
+            ],
+            options=message_options(self.settings),
+            # Load shedding: calls beyond this are answered RESOURCE_EXHAUSTED at once rather
+            # than queued behind the ones running.
+            maximum_concurrent_rpcs=self.settings.grpc_max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -218,7 +300,8 @@ class GrpcApp:
             except TimeoutError:
                 pass
 
-    async def serve(self) -> None:
+    async def start(self) -> int:
+        """Binds and starts taking calls (health NOT_SERVING); returns the port bound."""
         reflection.enable_server_reflection(
             [
                 *self._service_names,
@@ -227,11 +310,34 @@ class GrpcApp:
             ],
             self.server,
         )
-        if self.server.add_insecure_port(self.address) == 0:
+        creds = server_credentials(self.settings)
+        port = (
+            self.server.add_insecure_port(self.address)
+            if creds is None
+            else self.server.add_secure_port(self.address, creds)
+        )
+        if port == 0:
             raise RuntimeError(f"cannot bind {self.address}")
         await self._set_status(False)
         await self.server.start()
-        log.info("%s listening on %s", self.name, self.address)
+        self.spawn(self.audit.run(), "audit")
+        if self.tokens is None:
+            log.warning(
+                "AUTH IS OFF (KS_AUTH=off): every RPC, admin ones included, is open to anyone "
+                "who reaches %s",
+                self.address,
+            )
+        log.info(
+            "%s listening on %s (%s, auth %s)",
+            self.name,
+            self.address,
+            "plaintext" if creds is None else "TLS",
+            "off" if self.tokens is None else f"on, {len(self.tokens.tokens)} tokens",
+        )
+        return port
+
+    async def serve(self) -> None:
+        await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -248,6 +354,7 @@ class GrpcApp:
         log.info("shutting down")
         await self._set_status(False)
         await self.server.stop(self.grace_s)
+        await self.audit.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -261,6 +368,11 @@ class GrpcApp:
 
 def service_app(name: str, settings: CommonSettings, port: int, metrics_port: int) -> GrpcApp:
     """What every service does first: logging, the metrics endpoint, and its gRPC app."""
+    # Imported here: clients imports this module (message_options).
+    from services.common.clients import use_service_identity
+
     setup_logging(name, settings.log_level, settings.log_format)
     start_metrics_server(metrics_port, settings.host)
-    return GrpcApp(name, settings.host, port, settings.shutdown_grace_s)
+    # Calls this service makes to others carry the service token, not a person's.
+    use_service_identity()
+    return GrpcApp(name, settings.host, port, settings.shutdown_grace_s, settings)

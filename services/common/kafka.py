@@ -20,27 +20,34 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from google.protobuf.message import Message
 
 from knowstream.events.v1 import events_pb2
+from services.common.errors import InvalidArgument
 from services.common.metrics import DEAD_LETTERS, EVENTS_PRODUCED
 from services.common.settings import CommonSettings
+from services.common.tracing import (
+    current_trace_id,
+    kafka_headers,
+    trace_of_record,
+    with_trace_header,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-# Records larger than this are refused by the producer; documents are chunked well below it.
-MAX_RECORD_BYTES = 16 * 1024 * 1024
 
 
-class BadEvent(ValueError):
+class BadEvent(InvalidArgument):
     """A record that cannot be processed; its message is the dead-letter reason."""
 
 
 def new_header(producer: str, trace_id: str = "") -> events_pb2.EventHeader:
+    """A new event's header; its trace is the current one (services/common/tracing.py) unless
+    ``trace_id`` names another."""
     return events_pb2.EventHeader(
         schema_version=SCHEMA_VERSION,
         event_id=uuid.uuid4().hex,
         produced_at_ms=now_ms(),
         producer=producer,
-        trace_id=trace_id,
+        trace_id=trace_id or current_trace_id(),
     )
 
 
@@ -100,6 +107,18 @@ def parse_knowledge_event(value: bytes | None) -> events_pb2.KnowledgeEvent:
     return event
 
 
+class TracingProducer(AIOKafkaProducer):  # type: ignore[misc]
+    """Every record it sends carries the current trace's ``traceparent`` header, unless the
+    caller passed one (a record produced for another trace than the task's)."""
+
+    async def send(  # type: ignore[no-untyped-def]
+        self, topic, value=None, key=None, partition=None, timestamp_ms=None, headers=None
+    ):
+        return await super().send(
+            topic, value, key, partition, timestamp_ms, with_trace_header(headers)
+        )
+
+
 def make_producer(settings: CommonSettings, client_id: str, **overrides: Any) -> AIOKafkaProducer:
     options: dict[str, Any] = dict(
         bootstrap_servers=settings.kafka_bootstrap,
@@ -107,10 +126,10 @@ def make_producer(settings: CommonSettings, client_id: str, **overrides: Any) ->
         acks="all",
         enable_idempotence=False,
         linger_ms=5,
-        max_request_size=MAX_RECORD_BYTES,
+        max_request_size=settings.kafka_max_record_bytes,
     )
     options.update(overrides)
-    return AIOKafkaProducer(**options)
+    return TracingProducer(**options)
 
 
 def make_consumer(
@@ -124,8 +143,8 @@ def make_consumer(
         auto_offset_reset="earliest",
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
-        max_partition_fetch_bytes=MAX_RECORD_BYTES,
-        fetch_max_bytes=4 * MAX_RECORD_BYTES,
+        max_partition_fetch_bytes=settings.kafka_max_record_bytes,
+        fetch_max_bytes=4 * settings.kafka_max_record_bytes,
     )
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
@@ -164,12 +183,18 @@ def training_topics(settings: CommonSettings) -> dict[str, int]:
     return {settings.topic_training: 1}
 
 
+def audit_topics(settings: CommonSettings) -> dict[str, int]:
+    """The audit trail: one partition, so `knowstream audit` reads it in order."""
+    return {settings.topic_audit: 1}
+
+
 def all_topics(settings: CommonSettings) -> dict[str, int]:
     return (
         knowledge_topics(settings)
         | serving_topics(settings)
         | drift_topics(settings)
         | training_topics(settings)
+        | audit_topics(settings)
     )
 
 
@@ -202,6 +227,19 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float
         await admin.close()
 
 
+# What a dead letter keeps of a record too large to send: the letter itself has to fit.
+DEAD_LETTER_KEPT_BYTES = 64 * 1024
+
+
+def fitted(value: bytes, reason: str, max_record_bytes: int) -> tuple[bytes, str]:
+    """The value and reason a dead letter carries: the value cut to its first 64 KiB when the
+    whole would not fit in a record (the reason says so)."""
+    if len(value) <= max_record_bytes - DEAD_LETTER_KEPT_BYTES:
+        return value, reason
+    kept = value[:DEAD_LETTER_KEPT_BYTES]
+    return kept, f"{reason} [value cut to its first {len(kept)} of {len(value)} bytes]"
+
+
 class DeadLetterSink:
     """Writes records that a consumer rejected to ``<topic>.dlq`` with the reason."""
 
@@ -218,20 +256,25 @@ class DeadLetterSink:
         key: bytes | None = None,
         partition: int = -1,
         offset: int = -1,
+        trace_id: str = "",
     ) -> None:
+        value, reason = fitted(value or b"", reason, self.settings.kafka_max_record_bytes)
         letter = events_pb2.DeadLetter(
-            header=new_header(self.consumer),
+            header=new_header(self.consumer, trace_id),
             source_topic=topic,
             source_partition=partition,
             source_offset=offset,
             key=key or b"",
-            value=value or b"",
+            value=value,
             reason=reason,
             consumer=self.consumer,
         )
         dlq = self.settings.dlq(topic)
         await self.producer.send_and_wait(
-            dlq, letter.SerializeToString(), key=key, headers=[("reason", reason.encode()[:1000])]
+            dlq,
+            letter.SerializeToString(),
+            key=key,
+            headers=[("reason", reason.encode()[:1000]), *kafka_headers(letter.header.trace_id)],
         )
         DEAD_LETTERS.labels(self.consumer, topic).inc()
         EVENTS_PRODUCED.labels(self.consumer, dlq).inc()
@@ -241,6 +284,13 @@ class DeadLetterSink:
         )
 
     async def send_record(self, record: ConsumerRecord, reason: str) -> None:
+        # The letter stays on the trace of the record it sets aside.
         await self.send(
-            record.topic, reason, record.value, record.key, record.partition, record.offset
+            record.topic,
+            reason,
+            record.value,
+            record.key,
+            record.partition,
+            record.offset,
+            trace_of_record(record),
         )

@@ -9,6 +9,9 @@ import sys
 import time
 from typing import Any
 
+from services.common.auth import CALLER
+from services.common.tracing import current_trace_id
+
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
@@ -27,6 +30,12 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         entry.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
+        # Who the RPC being served is for (the token's name), so a log line says who did it.
+        if who := CALLER.get():
+            entry.setdefault("caller", who)
+        # The trace of the call or records being handled: grep a trace id across the logs.
+        if trace_id := current_trace_id():
+            entry.setdefault("trace_id", trace_id)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

@@ -1,4 +1,4 @@
-"""Embed service: the faust chunk stream and the gRPC EmbedService in one process."""
+"""Embed service: the chunk stream and the gRPC EmbedService in one process."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import grpc
 import numpy as np
 
 from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
+from services.common.consumer import attach_stream
 from services.common.embedding import Embedder
 from services.common.grpcserver import service_app
+from services.common.kafka import make_producer
 from services.common.net import kafka_alive
-from services.common.streams import StreamHealth, attach
+from services.common.redisutil import connect
 from services.embed.settings import EmbedSettings
-from services.embed.stream import build_app
+from services.embed.stream import build_stream
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,9 @@ class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
         self.embedder = embedder
         self.max_texts = max_texts
 
-    async def Embed(self, request, context):  # type: ignore[no-untyped-def]
+    async def Embed(
+        self, request: embed_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> embed_pb2.EmbedResponse:
         texts = list(request.texts)
         if not texts:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no texts to embed")
@@ -42,7 +46,9 @@ class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
             dimension=self.embedder.dimension,
         )
 
-    async def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetModelInfo(
+        self, request: embed_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> embed_pb2.ModelInfo:
         return embed_pb2.ModelInfo(
             model=self.embedder.name,
             dimension=self.embedder.dimension,
@@ -68,8 +74,22 @@ async def main() -> None:
         EmbedServicer(embedder, settings.embed_max_texts), app.server
     )
     app.add_service(embed_pb2.DESCRIPTOR.services_by_name["EmbedService"].full_name)
-    stream_health = StreamHealth()
-    stream_app = build_app(settings, embed, settings.embed_model, stream_health)
-    attach(app, stream_app, stream_health, "chunk-stream")
+    producer = make_producer(settings, "embed")
+    # Redis holds the stream's fingerprints and health detail, both advisory: the chunks never
+    # go there, and Embed answers without it (no readiness check on Redis here).
+    redis = connect(settings.redis_url)
+
+    async def start() -> None:
+        await producer.start()
+
+    async def stop() -> None:
+        await producer.flush()
+        await producer.stop()
+        await redis.aclose()
+
+    app.on_start(start)
+    app.on_stop(stop)
+    stream = build_stream(settings, embed, settings.embed_model, producer, redis)
+    attach_stream(app, stream, "chunk-stream")
     app.add_check("kafka", lambda: kafka_alive(settings.kafka_bootstrap))
     await app.serve()

@@ -1,4 +1,4 @@
-"""The chunk stream: a faust agent that embeds chunk events in micro-batches.
+"""The chunk stream: embeds chunk events in micro-batches (one poll of the consumer plumbing).
 
 Workers of the same consumer group share the chunk topic's partitions. Records are processed in
 partition order and re-emitted keyed by document id, so a document's deletion stays ordered with
@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import faust
 import numpy as np
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from knowstream.events.v1 import events_pb2
+from services.common.consumer import Rejects, StreamConsumer
 from services.common.kafka import BadEvent, new_header, parse_knowledge_event
-from services.common.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED
-from services.common.streams import StreamHealth, dead_letter, make_faust_app
+from services.common.metrics import EVENTS_PRODUCED
+from services.common.tracing import kafka_headers
 from services.embed.settings import EmbedSettings
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ def embedding_text(chunk: events_pb2.ChunkEvent) -> str:
 
 async def process_batch(
     values: list[tuple[bytes | None, bytes | None]], embed: EmbedFn, model: str
-) -> tuple[list[tuple[bytes, bytes]], list[tuple[int, str]]]:
-    """Pure step of the agent: (key, value) records in, (key, value) outputs and
+) -> tuple[list[tuple[bytes, bytes, str]], list[tuple[int, str]]]:
+    """Pure step of the agent: (key, value) records in, (key, value, trace id) outputs and
     (index, reason) rejects out, in input order."""
     outputs: list[tuple[int, bytes, events_pb2.KnowledgeEvent]] = []
     rejects: list[tuple[int, str]] = []
@@ -64,39 +65,57 @@ async def process_batch(
             )
             outputs.append((i, chunk.doc_id.encode(), events_pb2.KnowledgeEvent(embedded=embedded)))
     outputs.sort(key=lambda o: o[0])
-    return [(k, e.SerializeToString()) for _, k, e in outputs], rejects
+    return [(k, e.SerializeToString(), _trace_of(e)) for _, k, e in outputs], rejects
 
 
-def build_app(
-    settings: EmbedSettings, embed: EmbedFn, model: str, health: StreamHealth | None = None
-) -> faust.App:
-    health = health or StreamHealth()
-    app = make_faust_app(settings, settings.embed_group)
-    chunks = app.topic(settings.topic_chunks, key_type=bytes, value_type=bytes)
-    embedded = app.topic(settings.topic_embedded, key_type=bytes, value_type=bytes)
-    dlq = app.topic(settings.dlq(settings.topic_chunks), key_type=bytes, value_type=bytes)
+def _trace_of(event: events_pb2.KnowledgeEvent) -> str:
+    kind = event.WhichOneof("kind")
+    return getattr(event, kind).header.trace_id if kind else ""
 
-    @app.agent(chunks, concurrency=1)
-    async def embed_chunks(stream: Any) -> None:
-        try:
-            await _consume(stream)
-        except Exception as exc:
-            health.crashed(exc)
-            raise
 
-    async def _consume(stream: Any) -> None:
-        async for batch in stream.take_events(
-            settings.embed_stream_batch, within=settings.embed_stream_wait_s
-        ):
-            EVENTS_CONSUMED.labels("embed", settings.topic_chunks).inc(len(batch))
-            outputs, rejects = await process_batch(
-                [(e.message.key, e.message.value) for e in batch], embed, model
-            )
-            futures = [await embedded.send(key=k, value=v) for k, v in outputs]
-            for i, reason in rejects:
-                futures.append(await dead_letter(dlq, batch[i].message, reason, "embed"))
-            # Wait for the broker's acks before faust may commit the inputs' offsets.
-            await asyncio.gather(*futures)
-            EVENTS_PRODUCED.labels("embed", settings.topic_embedded).inc(len(outputs))
+class ChunkStream:
+    """The handler of the chunk topic: embeds a poll's chunks, sends the embedded chunks (and
+    deletions) and waits for the broker's acks before the plumbing commits the inputs."""
 
-    return app
+    def __init__(
+        self, settings: EmbedSettings, embed: EmbedFn, model: str, producer: AIOKafkaProducer
+    ):
+        self.settings = settings
+        self.embed = embed
+        self.model = model
+        self.producer = producer
+
+    async def handle(self, records: list[ConsumerRecord]) -> Rejects:
+        outputs, rejects = await process_batch(
+            [(r.key, r.value) for r in records], self.embed, self.model
+        )
+        topic = self.settings.topic_embedded
+        # Each output on its own chunk's trace: one poll may hold chunks of several requests.
+        futures = [
+            await self.producer.send(topic, v, key=k, headers=kafka_headers(t))
+            for k, v, t in outputs
+        ]
+        await asyncio.gather(*futures)
+        EVENTS_PRODUCED.labels("embed", topic).inc(len(outputs))
+        return [(records[i], reason) for i, reason in rejects]
+
+
+def build_stream(
+    settings: EmbedSettings,
+    embed: EmbedFn,
+    model: str,
+    producer: AIOKafkaProducer,
+    redis: aioredis.Redis | None,
+) -> StreamConsumer:
+    handler = ChunkStream(settings, embed, model, producer)
+    return StreamConsumer(
+        settings,
+        "embed",
+        settings.embed_group,
+        {settings.topic_chunks: handler.handle},
+        producer=producer,
+        redis=redis,
+        max_records=settings.embed_stream_batch,
+        # A short poll: a micro-batch goes as soon as the records that have arrived are read.
+        poll_timeout_ms=max(1, int(settings.embed_stream_wait_s * 1000)),
+    )

@@ -1,10 +1,11 @@
-"""The LLM engine: one copy of the base weights, any number of LoRA adapters (peft), batched
+"""The LLM engine: one copy of the base weights, any number of LoRA adapters, batched
 generation with per-request parameters, and a score mode.
 
 It runs inside Triton's python backend (deploy/triton/llm/1/model.py is a thin wrapper around
-it) and, for tests and the overhead benchmark, in-process. Requests of one batch may name
-different adapters: a batch on one adapter runs it directly, a mixed batch uses peft's per-row
-``adapter_names`` (LoRAX-style multi-adapter batching).
+it) and, for tests and the overhead benchmark, in-process. The forward passes, the KV cache and
+the adapters' weights belong to a runtime (services/infer/runtimes: transformers or llama.cpp,
+``KS_ENGINE_RUNTIME``); validation, the adapter LRU, sampling, stop strings, streaming,
+cancellation and continuous batching are here, the same for every runtime.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from services.infer.chat import encode_prompt
-from services.infer.llm import ADAPTER_ID, BASE, EngineError, LLMRequest, LLMResult
+from services.infer.runtimes import Runtime, create_runtime
+from services.llm.chat import encode_prompt
+from services.llm.llm import ADAPTER_ID, BASE, EngineError, LLMRequest, LLMResult
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,11 @@ class LLMEngine:
         max_prompt_tokens: int = 2048,
         max_new_tokens: int = 512,
         threads: int | None = None,
+        runtime: str = "transformers",
+        cache_dir: str | Path = ".cache",
+        runtime_options: dict[str, Any] | None = None,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
@@ -51,12 +54,21 @@ class LLMEngine:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        self.base.eval()
-        self.net: Any = self.base  # becomes the PeftModel once an adapter is loaded
+        self.runtime: Runtime = create_runtime(
+            runtime,
+            self.model_dir,
+            cache_dir=Path(cache_dir),
+            threads=threads,
+            **(runtime_options or {}),
+        )
         self.loaded: OrderedDict[str, float] = OrderedDict()  # adapter id -> last use (LRU)
         self.stop_ids = self._stop_token_ids()
         self.pad_id = next(iter(self.stop_ids)) if self.stop_ids else 0
+
+    @property
+    def base(self) -> Any:
+        """The transformers runtime's base model (tests compare against it)."""
+        return getattr(self.runtime, "base", None)
 
     # -- adapters ---------------------------------------------------------------------------
     def load_adapter(self, adapter_id: str, pinned: frozenset[str] = frozenset()) -> float:
@@ -78,22 +90,12 @@ class LLMEngine:
                     f"all {self.max_adapters} adapter slots are in use by running requests"
                 )
             self.loaded.pop(evictable[0])
-            self.net.delete_adapter(evictable[0])
+            self.runtime.unload_adapter(evictable[0])
             log.info("evicted adapter %s (LRU, max %d)", evictable[0], self.max_adapters)
         try:
-            # Lazy loads happen inside the scheduler's inference mode; weights created there
-            # would be inference tensors, and peft's next load (which sets requires_grad on the
-            # existing LoRA layers) would fail on them.
-            with torch.inference_mode(False), torch.no_grad():
-                if self.net is self.base:
-                    from peft import PeftModel
-
-                    self.net = PeftModel.from_pretrained(self.base, path, adapter_name=adapter_id)
-                else:
-                    self.net.load_adapter(path, adapter_name=adapter_id)
+            self.runtime.load_adapter(adapter_id, path)
         except Exception as exc:
             raise EngineError(f"adapter {adapter_id} does not fit the base model: {exc}") from exc
-        self.net.eval()
         self.loaded[adapter_id] = time.monotonic()
         took = time.perf_counter() - start
         log.info("loaded adapter %s in %.3fs", adapter_id, took)
@@ -102,25 +104,12 @@ class LLMEngine:
     def unload_adapter(self, adapter_id: str) -> bool:
         if adapter_id not in self.loaded:
             return False
-        self.net.delete_adapter(adapter_id)
+        self.runtime.unload_adapter(adapter_id)
         del self.loaded[adapter_id]
         return True
 
     def loaded_adapters(self) -> list[str]:
         return list(self.loaded)
-
-    def _adapter_context(
-        self, adapters: list[str]
-    ) -> tuple[AbstractContextManager[Any], dict[str, Any]]:
-        if self.net is self.base:
-            return nullcontext(), {}
-        distinct = set(adapters)
-        if distinct == {BASE}:
-            return self.net.disable_adapter(), {}
-        if len(distinct) == 1:
-            self.net.set_adapter(adapters[0])
-            return nullcontext(), {}
-        return nullcontext(), {"adapter_names": ["__base__" if a == BASE else a for a in adapters]}
 
     # -- requests ---------------------------------------------------------------------------
     def prepare(
@@ -185,7 +174,7 @@ class LLMEngine:
 
     def _stop_token_ids(self) -> set[int]:
         ids: set[int] = set()
-        eos = self.base.generation_config.eos_token_id
+        eos = _generation_eos(self.model_dir)
         for value in eos if isinstance(eos, list) else [eos]:
             if value is not None:
                 ids.add(int(value))
@@ -199,80 +188,19 @@ class LLMEngine:
                 ids.add(tid)
         return ids
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        adapters: list[str],
-        past: Any,
-    ) -> Any:
-        """One decoding forward pass (next-token logits only), extending ``past``."""
-        context, extra = self._adapter_context(adapters)
-        with context:
-            return self.net(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=past,
-                use_cache=True,
-                logits_to_keep=1,
-                **extra,
-            )
-
     # -- score mode -------------------------------------------------------------------------
     def _score(
         self, requests: list[LLMRequest], prompts: list[list[int]], results: list[LLMResult]
     ) -> None:
-        """Log-probability of each candidate (sum over its tokens) after the prompt.
-
-        A request whose candidates are all single tokens costs one row (one forward pass reads
-        every candidate's next-token probability); others take a row per candidate.
-        """
+        """Log-probability of each candidate (sum over its tokens) after the prompt; the
+        prompt runs once for all its candidates (services/common/scoring.py)."""
         start = time.perf_counter()
-        rows: list[list[int]] = []
-        row_adapters: list[str] = []
-        # (request, candidate, row, tokens appended to the prompt in that row, targets)
-        plan: list[tuple[int, int, int, int, list[int]]] = []
-        for qi, (request, ids) in enumerate(zip(requests, prompts, strict=True)):
-            cand_ids = [
-                list(self.tokenizer(c, add_special_tokens=False)["input_ids"])
-                for c in request.candidates
-            ]
-            if all(len(c) == 1 for c in cand_ids):
-                rows.append(ids)
-                row_adapters.append(request.adapter)
-                for ci, c in enumerate(cand_ids):
-                    plan.append((qi, ci, len(rows) - 1, 0, c))
-            else:
-                for ci, c in enumerate(cand_ids):
-                    rows.append(ids + c[:-1])
-                    row_adapters.append(request.adapter)
-                    plan.append((qi, ci, len(rows) - 1, len(c) - 1, c))
-        width = max(len(r) for r in rows)
-        keep = max(appended for *_, appended, _ in plan) + 1
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, ids in enumerate(rows):
-            input_ids[r, width - len(ids) :] = torch.tensor(ids)
-            mask[r, width - len(ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        context, extra = self._adapter_context(row_adapters)
-        with context:
-            out = self.net(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=False,
-                logits_to_keep=keep,
-                **extra,
-            )
-        logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [rows, keep, vocab]
-        scores = [[0.0] * len(r.candidates) for r in requests]
-        for qi, ci, r, appended, targets in plan:
-            # The logit at column keep-1-appended+j predicts target j.
-            first = keep - 1 - appended
-            scores[qi][ci] = float(sum(logprobs[r, first + j, t] for j, t in enumerate(targets)))
+        cand_ids = [
+            [list(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in r.candidates]
+            for r in requests
+        ]
+        adapters = [r.adapter for r in requests]
+        scores = self.runtime.score(prompts, cand_ids, adapters, self.pad_id)
         elapsed_ms = (time.perf_counter() - start) * 1000
         for qi, result in enumerate(results):
             result.batch_size = len(results)
@@ -293,8 +221,6 @@ class _Row:
     request: LLMRequest
     result: LLMResult
     on_done: Callable[[LLMResult], None]
-    # Tokens of this row in the KV cache (prompt + fed tokens); its columns are the rightmost.
-    length: int
     started: float
     generated: list[int] = field(default_factory=list)
     logprob_sum: float = 0.0
@@ -307,23 +233,18 @@ class _Row:
 
 class DecodeBatch:
     """A running batch with iteration-level admission (continuous batching): new requests are
-    prefilled and merged into the KV cache between decode steps, finished ones leave at once.
-
-    Rows are left-padded, so each row's tokens are the rightmost ``length`` columns of the
-    cache; merging pads the shorter cache on the left, and columns that are padding for every
-    remaining row are cut off after rows leave, so the cache never outgrows its longest row.
-    """
+    prefilled and merged into the runtime's KV cache between decode steps, finished ones leave
+    at once (the runtime frees their cache)."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.rows: list[_Row] = []
-        self.past: Any = None
-        self.mask = torch.zeros((0, 0), dtype=torch.long)
+        self.state = engine.runtime.new_batch(engine.pad_id)
         self.steps = 0
 
     @property
     def width(self) -> int:
-        return int(self.mask.shape[1])
+        return self.state.width
 
     def admit(
         self,
@@ -333,70 +254,36 @@ class DecodeBatch:
         """Prefills new requests together and merges them into the running batch."""
         callbacks = on_done if isinstance(on_done, list) else [on_done] * len(requests)
         now = time.perf_counter()
-        width = max(len(ids) for _, ids, _ in requests)
-        input_ids = torch.full((len(requests), width), self.engine.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for r, (_, ids, _) in enumerate(requests):
-            input_ids[r, width - len(ids) :] = torch.tensor(ids)
-            mask[r, width - len(ids) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.engine.forward(
-            input_ids, mask, positions, [req.adapter for req, _, _ in requests], DynamicCache()
+        logits = self.state.admit(
+            [ids for _, ids, _ in requests], [r.adapter for r, _, _ in requests]
         )
         new_rows = [
-            _Row(req, result, cb, len(ids), now)
-            for (req, ids, result), cb in zip(requests, callbacks, strict=True)
+            _Row(req, result, cb, now)
+            for (req, _, result), cb in zip(requests, callbacks, strict=True)
         ]
-        self._merge(out.past_key_values, mask)
         self.rows.extend(new_rows)
         for row in new_rows:
             row.result.batch_size = len(requests)
-        self._choose(new_rows, out.logits[:, -1, :])
+        self._choose(new_rows, logits)
         self._retire()
 
     def step(self) -> None:
         """Feeds every row its chosen token and chooses the next one."""
         if not self.rows:
             return
-        tokens = torch.tensor([[row.next_token] for row in self.rows])
-        positions = torch.tensor([[row.length] for row in self.rows])
-        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], 1)
-        out = self.engine.forward(
-            tokens, self.mask, positions, [row.request.adapter for row in self.rows], self.past
+        logits = self.state.step(
+            [row.next_token for row in self.rows], [row.request.adapter for row in self.rows]
         )
-        self.past = out.past_key_values
         for row in self.rows:
-            row.length += 1
             row.result.batch_size = max(row.result.batch_size, len(self.rows))
         self.steps += 1
-        self._choose(self.rows, out.logits[:, -1, :])
+        self._choose(self.rows, logits)
         if self.steps % CANCEL_CHECK_STEPS == 0:
             for row in self.rows:
                 if not row.finished and row.request.is_cancelled and row.request.is_cancelled():
                     row.finished, row.result.finish_reason = True, "cancelled"
                     row.result.error = "cancelled by the caller"
         self._retire()
-
-    def _merge(self, past: Any, mask: torch.Tensor) -> None:
-        if not self.rows:
-            self.past, self.mask = past, mask
-            return
-        width = max(self.width, int(mask.shape[1]))
-
-        def pad(t: torch.Tensor, to: int) -> torch.Tensor:
-            if t.shape[-2] == to:
-                return t
-            shape = (*t.shape[:-2], to - t.shape[-2], t.shape[-1])
-            return torch.cat([t.new_zeros(shape), t], dim=-2)
-
-        for mine, theirs in zip(self.past.layers, past.layers, strict=True):
-            mine.keys = torch.cat([pad(mine.keys, width), pad(theirs.keys, width)], dim=0)
-            mine.values = torch.cat([pad(mine.values, width), pad(theirs.values, width)], dim=0)
-
-        def pad_mask(m: torch.Tensor) -> torch.Tensor:
-            return torch.cat([m.new_zeros((m.shape[0], width - m.shape[1])), m], dim=1)
-
-        self.mask = torch.cat([pad_mask(self.mask), pad_mask(mask)], dim=0)
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
         logits = logits.float()
@@ -443,17 +330,7 @@ class DecodeBatch:
         for row in done:
             self._finish(row)
         self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.past, self.mask = None, torch.zeros((0, 0), dtype=torch.long)
-            return
-        self.past.batch_select_indices(torch.tensor(keep))
-        self.mask = self.mask[keep]
-        trim = min(self.width - row.length for row in self.rows)
-        if trim > 0:
-            for layer in self.past.layers:
-                layer.keys = layer.keys[:, :, trim:, :]
-                layer.values = layer.values[:, :, trim:, :]
-            self.mask = self.mask[:, trim:]
+        self.state.keep(keep)
 
     def _finish(self, row: _Row) -> None:
         result, request = row.result, row.request
@@ -503,9 +380,20 @@ class Scheduler:
     leave as soon as they finish. Score-mode requests and control operations run between steps.
     Triton's python model submits here and returns at once (decoupled responses)."""
 
-    def __init__(self, engine: LLMEngine, max_batch: int, admit_window_s: float = 0.03):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_batch: int,
+        admit_window_s: float = 0.03,
+        max_waiting: int | None = None,
+    ):
         self.engine = engine
         self.max_batch = max(1, max_batch)
+        # Requests waiting here beyond the running batch; past it the model's execute() waits
+        # (wait_for_room), so the excess queues in Triton, whose queue policy sheds it.
+        self.max_waiting = max(1, max_waiting or self.max_batch)
+        self._room = threading.Condition()
+        self._pruned_at = 0.0
         self.jobs: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         # Generation requests waiting for a slot, with their arrival time.
         self.backlog: deque[tuple[LLMRequest, Callable[[LLMResult], None], float]] = deque()
@@ -518,6 +406,37 @@ class Scheduler:
 
     def submit(self, request: LLMRequest, on_done: Callable[[LLMResult], None]) -> None:
         self.jobs.put(("llm", request, on_done))
+
+    def waiting(self) -> int:
+        return self.jobs.qsize() + len(self.backlog)
+
+    def wait_for_room(self, timeout_s: float) -> bool:
+        """Blocks until fewer than ``max_waiting`` requests wait here (True) or ``timeout_s``
+        passes (False)."""
+        with self._room:
+            return self._room.wait_for(lambda: self.waiting() < self.max_waiting, timeout_s)
+
+    def _made_room(self) -> None:
+        with self._room:
+            self._room.notify_all()
+
+    def _prune(self, every_s: float = 0.1) -> None:
+        """Drops the waiting requests whose callers went away (each check is a call to Triton,
+        hence at most every ``every_s``): a cancelled request is never prefilled."""
+        now = time.monotonic()
+        if not self.backlog or now - self._pruned_at < every_s:
+            return
+        self._pruned_at = now
+        kept: deque[tuple[LLMRequest, Callable[[LLMResult], None], float]] = deque()
+        for entry in self.backlog:
+            if _cancelled(entry[0]):
+                entry[1](_cancelled_result(entry[0]))
+            else:
+                kept.append(entry)
+        if len(kept) < len(self.backlog):
+            log.info("dropped %d cancelled requests", len(self.backlog) - len(kept))
+            self.backlog = kept
+            self._made_room()
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Runs ``fn`` on the model's thread between steps (adapter load/unload)."""
@@ -539,6 +458,10 @@ class Scheduler:
                 for row in self.batch.rows:
                     row.result.error = f"{type(exc).__name__}: {exc}"
                     row.on_done(row.result)
+                try:  # frees the failed rows' cache (llama.cpp sequences are a fixed pool)
+                    self.batch.state.keep([])
+                except Exception:
+                    log.exception("could not free the failed batch's cache")
                 self.batch = DecodeBatch(self.engine)
 
     def _collect(
@@ -582,6 +505,13 @@ class Scheduler:
         return max(0.001, self.admit_window_s - (time.monotonic() - self.backlog[0][2]))
 
     def _tick(self) -> None:
+        try:
+            self._tick_once()
+        finally:
+            self._made_room()
+
+    def _tick_once(self) -> None:
+        self._prune()
         if self.batch.rows:
             scores = self._collect(None)
         else:
@@ -607,6 +537,9 @@ class Scheduler:
             in_use = {row.request.adapter for row in self.batch.rows}
             while self.backlog and len(self.batch.rows) + len(admitted) < self.max_batch:
                 request, on_done, _ = self.backlog.popleft()
+                if _cancelled(request):  # its caller went away while it waited
+                    on_done(_cancelled_result(request))
+                    continue
                 ids, result = self.engine.prepare(request, frozenset(in_use))
                 if ids is None:
                     on_done(result)
@@ -623,6 +556,9 @@ class Scheduler:
         in_use = frozenset(row.request.adapter for row in self.batch.rows)
         ready: list[tuple[LLMRequest, list[int], LLMResult, Callable[[LLMResult], None]]] = []
         for request, on_done in jobs:
+            if _cancelled(request):
+                on_done(_cancelled_result(request))
+                continue
             ids, result = self.engine.prepare(request, in_use)
             if ids is None:
                 on_done(result)
@@ -633,6 +569,16 @@ class Scheduler:
             self.engine._score([p[0] for p in part], [p[1] for p in part], [p[2] for p in part])
             for _, _, result, on_done in part:
                 on_done(result)
+
+
+def _cancelled(request: LLMRequest) -> bool:
+    return bool(request.is_cancelled and request.is_cancelled())
+
+
+def _cancelled_result(request: LLMRequest) -> LLMResult:
+    return LLMResult(
+        adapter=request.adapter, finish_reason="cancelled", error="cancelled by the caller"
+    )
 
 
 def _pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
@@ -652,3 +598,15 @@ def _pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor) -> to
 def _find_stop(text: str, stops: list[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
+
+
+def _generation_eos(model_dir: Path) -> Any:
+    """The model's end-of-sequence id(s), as its generation config names them."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json: the model config's
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_dir).eos_token_id

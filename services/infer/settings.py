@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import CommonSettings
+from services.llm.settings import PromptSettings
 
 
 class EngineSettings(CommonSettings):
@@ -13,29 +14,93 @@ class EngineSettings(CommonSettings):
 
     model_config = SettingsConfigDict(env_prefix="KS_", extra="ignore", frozen=True)
 
-    llm_threads: int = Field(2, ge=1)
-    # Adapters kept in memory at once; the least recently used one is unloaded first.
-    llm_max_adapters: int = Field(8, ge=1)
-    llm_max_prompt_tokens: int = Field(2048, ge=16)
+    llm_threads: int = Field(2, ge=1, description="torch threads of the model in Triton.")
+    llm_max_adapters: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Adapters kept in memory at once; the least recently used one is unloaded first."
+        ),
+    )
+    llm_max_prompt_tokens: int = Field(
+        2048, ge=16, description="Longest prompt, in model tokens; a longer one is refused."
+    )
+    # Issue 17, measured side by side in one bench.runtimes run (README "Runtimes"): llama.cpp
+    # at Q8_0 decodes 8.2x faster than transformers at batch 1 (6.1 vs 49.9 ms/token), and
+    # with score mode on F32 weights its chosen candidates are the reference's on 100 % of
+    # PubMedQA prompts and knowledge probes (largest log-probability difference 0.025).
+    engine_runtime: Literal["transformers", "llamacpp"] = Field(
+        "llamacpp",
+        description=(
+            "What runs the model in Triton: transformers (eager torch fp32 + peft) or llamacpp "
+            "(llama.cpp; the model and each adapter converted once to GGUF under the cache "
+            "directory)."
+        ),
+    )
+    engine_quant: Literal["f32", "f16", "q8_0", "q4_1"] = Field(
+        "q8_0",
+        description=(
+            "Weight format of the llamacpp runtime (the transformers one is always fp32); "
+            "q4_1 is the packaged model's own format."
+        ),
+    )
+    engine_score_quant: Literal["", "f32", "f16", "q8_0", "q4_1"] = Field(
+        "f32",
+        description=(
+            "Weight format the llamacpp runtime scores candidates with (score mode), on a "
+            "second copy of the model; empty = KS_ENGINE_QUANT. At q8_0 the chosen candidate "
+            "differed from the transformers runtime's on 2-6 % of prompts, at f32 on none."
+        ),
+    )
+    engine_decode_threads: int = Field(
+        1,
+        ge=0,
+        description=(
+            "Threads of the llamacpp runtime for a step that decodes one token (a batch of one "
+            "request); prompts and batches use KS_LLM_THREADS. 0 = the same as those. On 2 "
+            "cores 1 decodes 3x faster than 2 (bench.runtimes)."
+        ),
+    )
+    engine_kv_tokens: int = Field(
+        16384,
+        ge=512,
+        description=(
+            "KV cache cells of the llamacpp runtime, shared by every running request and "
+            "score candidate; a step that finds none free fails its requests."
+        ),
+    )
 
 
-class InferSettings(CommonSettings):
+class InferSettings(PromptSettings):
     model_config = SettingsConfigDict(env_prefix="KS_", extra="ignore", frozen=True)
 
-    infer_metrics_port: int = 0
-    infer_default_k: int = Field(4, ge=0, le=20)
-    infer_default_max_tokens: int = Field(64, ge=1)
-    # Context handed to the model, in characters (~4 per token): the prompt must stay within
-    # the engine's token limit on a small model.
-    infer_max_context_chars: int = Field(4000, ge=200)
-    infer_template: Literal["cited", "step_by_step"] = "cited"
-    # Deadline of a whole Ask when the caller sets none.
-    infer_default_deadline_s: float = Field(60.0, gt=0)
-    # Mirrored shadow calls in flight at once; beyond this a mirror is skipped (counted), so
-    # shadow traffic can never queue up behind or in front of live requests.
-    infer_max_shadow_inflight: int = Field(4, ge=0)
-    # Triton priority of mirrored calls (1 = highest; the model config has 2 levels).
-    infer_shadow_priority: int = Field(2, ge=1, le=2)
-    # How long a request's question is kept for feedback on it (corrections become training
-    # data only with their question).
-    infer_request_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    infer_default_max_tokens: int = Field(
+        64, ge=1, description="New tokens of an answer whose request sets no max_tokens."
+    )
+    infer_template: Literal["cited", "step_by_step"] = Field(
+        "cited", description="Prompt template of an Ask that names none."
+    )
+    infer_default_deadline_s: float = Field(
+        60.0, gt=0, description="Deadline of a whole Ask whose caller sets none, in seconds."
+    )
+    # Shadow traffic must never queue up behind or in front of live requests.
+    infer_max_shadow_inflight: int = Field(
+        4,
+        ge=0,
+        description=(
+            "Mirrored shadow calls in flight at once; beyond it a mirror is skipped (and "
+            "counted); 0 = no mirroring."
+        ),
+    )
+    infer_shadow_priority: int = Field(
+        2,
+        ge=1,
+        le=2,
+        description="Triton priority of mirrored calls (1 = highest; the model has 2 levels).",
+    )
+    # Corrections become training data only with their question.
+    infer_request_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=60,
+        description="How long a request's question is kept for feedback on it, in seconds.",
+    )

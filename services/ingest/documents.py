@@ -8,14 +8,19 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from services.common.access import InvalidGroups, parse_groups
+from services.common.errors import InvalidArgument
+from services.common.limits import LimitExceeded, LimitSettings
+
 MAX_ID_CHARS = 256
 MAX_TITLE_CHARS = 1_000
+ACCESS_GROUPS_ATTRIBUTE = "access_groups"
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
 _BLANK_LINES = re.compile(r"\n\s*\n+")
 
 
-class InvalidDocument(ValueError):
+class InvalidDocument(InvalidArgument):
     """The message names the document and what is wrong with it."""
 
 
@@ -28,21 +33,25 @@ class CleanDocument:
     domain: str = ""
     tags: tuple[str, ...] = ()
     attributes: dict[str, str] = field(default_factory=dict)
+    # Who may read it (services/common/access.py); () = public.
+    access_groups: tuple[str, ...] = ()
 
     @property
     def content_hash(self) -> str:
         """Identifies a version: same title, text and metadata give the same hash."""
-        payload = json.dumps(
-            [
-                self.title,
-                self.text,
-                self.source,
-                self.domain,
-                sorted(self.tags),
-                sorted(self.attributes.items()),
-            ],
-            ensure_ascii=False,
-        )
+        fields: list[object] = [
+            self.title,
+            self.text,
+            self.source,
+            self.domain,
+            sorted(self.tags),
+            sorted(self.attributes.items()),
+        ]
+        if self.access_groups:
+            # Only when set, so public documents keep the hashes they had before groups existed;
+            # a change of groups is a new version (its chunks are indexed with the new groups).
+            fields.append(sorted(self.access_groups))
+        payload = json.dumps(fields, ensure_ascii=False)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -73,6 +82,25 @@ def _check_utf8(value: str | bytes, what: str, doc_id: str) -> str:
     return value
 
 
+def check_metadata(
+    limits: LimitSettings,
+    source: str,
+    domain: str,
+    tags: tuple[str, ...],
+    attributes: dict[str, str],
+) -> None:
+    """LimitExceeded for metadata over its caps (it is stored and returned with the document)."""
+    limits.check_text("metadata.source", source, "limit_label_chars")
+    limits.check_text("metadata.domain", domain, "limit_label_chars")
+    limits.check_list("metadata.tags", tags, "limit_tags", "limit_tag_chars")
+    # The access-groups attribute is parsed (and capped) as groups, not counted here.
+    plain = {k: v for k, v in attributes.items() if k != ACCESS_GROUPS_ATTRIBUTE}
+    limits.check_list("metadata.attributes", list(plain), "limit_attributes")
+    for key, value in plain.items():
+        limits.check_text("metadata.attributes key", key, "limit_attribute_key_chars")
+        limits.check_text(f"metadata.attributes[{key[:40]!r}]", value, "limit_attribute_chars")
+
+
 def clean_document(
     doc_id: str | bytes,
     title: str | bytes,
@@ -82,9 +110,16 @@ def clean_document(
     domain: str = "",
     tags: list[str] | tuple[str, ...] = (),
     attributes: dict[str, str] | None = None,
+    access_groups: list[str] | tuple[str, ...] = (),
     max_bytes: int,
+    limits: LimitSettings | None = None,
 ) -> CleanDocument:
-    """Validates and normalises one document or raises :class:`InvalidDocument`."""
+    """Validates and normalises one document or raises :class:`InvalidDocument`.
+
+    Access groups may also come as a comma-separated ``access_groups`` attribute (for producers
+    that can only set attributes): it is moved into the groups, never left as a plain
+    attribute that looks like a restriction and is none. Metadata is capped by ``limits``
+    (KS_LIMIT_* settings when None)."""
     doc_id = _check_utf8(doc_id, "id", "?").strip()
     if not doc_id:
         raise InvalidDocument("document id is required")
@@ -106,6 +141,16 @@ def clean_document(
             f"document {doc_id!r}: title is {len(title)} characters; the limit is {MAX_TITLE_CHARS}"
         )
     clean_tags = tuple(sorted({normalize_text(t) for t in tags if normalize_text(t)}))
+    clean_attributes = {str(k): str(v) for k, v in (attributes or {}).items()}
+    try:
+        check_metadata(limits or LimitSettings(), source, domain, clean_tags, clean_attributes)
+    except LimitExceeded as exc:
+        raise InvalidDocument(f"document {doc_id!r}: {exc}") from None
+    try:
+        from_attribute = clean_attributes.pop(ACCESS_GROUPS_ATTRIBUTE, "").split(",")
+        groups = parse_groups([*access_groups, *from_attribute])
+    except InvalidGroups as exc:
+        raise InvalidDocument(f"document {doc_id!r}: {exc}") from None
     return CleanDocument(
         id=doc_id,
         title=title,
@@ -113,5 +158,6 @@ def clean_document(
         source=normalize_text(source),
         domain=normalize_text(domain).lower(),
         tags=clean_tags,
-        attributes={str(k): str(v) for k, v in (attributes or {}).items()},
+        attributes=clean_attributes,
+        access_groups=tuple(sorted(groups)),
     )

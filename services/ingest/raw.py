@@ -1,9 +1,10 @@
 """Parsing of records on the raw-documents topic, written by plain Kafka producers.
 
 A record is JSON (``{"id", "title", "text", "metadata": {"source", "domain", "tags",
-"attributes"}}``; ``source``/``domain``/``tags`` may also sit at the top level) or a serialized
-``knowstream.events.v1.RawDocument``. A ``content-type`` header decides when present; otherwise
-a value starting with ``{`` is JSON.
+"attributes", "access_groups"}}``; ``source``/``domain``/``tags``/``access_groups`` may also sit
+at the top level; ``access_groups`` is a list of names or one comma-separated string) or a
+serialized ``knowstream.events.v1.RawDocument``. A ``content-type`` header decides when present;
+otherwise a value starting with ``{`` is JSON.
 """
 
 from __future__ import annotations
@@ -74,12 +75,20 @@ def _from_json(value: bytes) -> RawInput:
     meta = obj.get("metadata") or {}
     if not isinstance(meta, dict):
         raise BadEvent("field 'metadata' must be an object")
-    merged = {**{k: obj[k] for k in ("source", "domain", "tags") if k in obj}, **meta}
+    merged = {
+        **{k: obj[k] for k in ("source", "domain", "tags", "access_groups") if k in obj},
+        **meta,
+    }
     tags = merged.get("tags") or []
     if isinstance(tags, str):
         tags = [tags]
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise BadEvent("field 'tags' must be a list of strings")
+    groups = merged.get("access_groups") or []
+    if isinstance(groups, str):
+        groups = groups.split(",")
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise BadEvent("field 'access_groups' must be a list of strings or one string")
     attributes = merged.get("attributes") or {}
     if not isinstance(attributes, dict):
         raise BadEvent("field 'attributes' must be an object")
@@ -93,4 +102,5 @@ def _from_json(value: bytes) -> RawInput:
         domain=_str(merged, "domain"),
         tags=tuple(tags),
         attributes={str(k): str(v) for k, v in attributes.items()},
+        access_groups=tuple(groups),
     )

@@ -1,4 +1,5 @@
-"""Ingest service: gRPC IngestService plus the raw-documents topic consumer."""
+"""Ingest service: gRPC IngestService, the raw-documents topic consumer and the outbox's
+reconciler."""
 
 from __future__ import annotations
 
@@ -7,34 +8,33 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from aiokafka import AIOKafkaConsumer
+from aiokafka import ConsumerRecord
 
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.common import redisutil
+from services.common.consumer import Rejects, StreamConsumer, attach_stream, is_transient
 from services.common.grpcserver import service_app
-from services.common.kafka import (
-    BadEvent,
-    DeadLetterSink,
-    make_consumer,
-    make_producer,
-)
-from services.common.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED
+from services.common.kafka import BadEvent, make_producer, now_ms
+from services.common.logprobe import LogProbe
+from services.common.metrics import EVENTS_PRODUCED
 from services.common.models import load_tokenizer
 from services.common.net import kafka_alive
+from services.common.tracing import current_trace_id, new_trace, trace_of_record
 from services.ingest.chunking import Chunker
 from services.ingest.pipeline import IngestPipeline, RawInput, summarize
 from services.ingest.raw import parse_raw_record
-from services.ingest.registry import RedisDocumentRegistry
+from services.ingest.reconciler import Reconciler
+from services.ingest.registry import LogPosition, RedisDocumentRegistry
 from services.ingest.settings import IngestSettings
 
 log = logging.getLogger(__name__)
+# GetIndexing: one Redis round trip per call for this many documents.
+MAX_INDEXING_IDS = 1000
 
 
 def trace_id_of(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id":
-            return str(value)
-    return ""
+    """The call's trace (the server interceptor set it from its traceparent, or a new one)."""
+    return current_trace_id()
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -47,9 +47,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.IngestDocumentsResponse:
         if not docs:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no documents in the request")
-        results = await self.pipeline.ingest(
-            [RawInput.from_proto(d) for d in docs], trace_id_of(context)
-        )
+        results = await self._pipeline_ingest([RawInput.from_proto(d) for d in docs], context)
         reply = summarize(results)
         if reply.rejected == len(results):
             errors = "; ".join(r.error for r in results[:5])
@@ -58,7 +56,24 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             )
         return reply
 
-    async def IngestDocuments(self, request, context):  # type: ignore[no-untyped-def]
+    async def _pipeline_ingest(
+        self, inputs: list[RawInput], context: grpc.aio.ServicerContext
+    ) -> list[ingest_pb2.DocumentResult]:
+        try:
+            return await self.pipeline.ingest(inputs, trace_id_of(context))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # Nothing was acknowledged: the client may retry (a version already recorded is
+            # published again, never lost). UNAVAILABLE says so; INTERNAL would not.
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"Redis or the broker is unavailable: {exc!r}"
+            )
+            raise
+
+    async def IngestDocuments(
+        self, request: ingest_pb2.IngestDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.IngestDocumentsResponse:
         if len(request.documents) > self.max_batch:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -68,13 +83,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return await self._ingest(request.documents, context)
 
     async def IngestDocumentStream(
-        self, request_iterator: AsyncIterator[ingest_pb2.Document], context
-    ):  # type: ignore[no-untyped-def]
+        self,
+        request_iterator: AsyncIterator[ingest_pb2.Document],
+        context: grpc.aio.ServicerContext,
+    ) -> ingest_pb2.IngestDocumentsResponse:
         results: list[ingest_pb2.DocumentResult] = []
         batch: list[RawInput] = []
 
         async def flush() -> None:
-            results.extend(await self.pipeline.ingest(batch, trace_id_of(context)))
+            results.extend(await self._pipeline_ingest(batch, context))
             batch.clear()
 
         async for doc in request_iterator:
@@ -87,14 +104,18 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no documents in the stream")
         return summarize(results)
 
-    async def DeleteDocument(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteDocument(
+        self, request: ingest_pb2.DeleteDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.DeleteDocumentResponse:
         if not request.id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "document id is required")
         if not await self.pipeline.delete(request.id, trace_id_of(context)):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.id!r} not found")
         return ingest_pb2.DeleteDocumentResponse(id=request.id)
 
-    async def GetDocument(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetDocument(
+        self, request: ingest_pb2.GetDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.DocumentInfo:
         found = await self.pipeline.registry.get(request.id)
         if found is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.id!r} not found")
@@ -104,38 +125,54 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             id=request.id, content_hash=content_hash, chunk_count=chunks, accepted_at_ms=at_ms
         )
 
+    async def GetIndexing(
+        self, request: ingest_pb2.GetIndexingRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.GetIndexingResponse:
+        if len(request.ids) > MAX_INDEXING_IDS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.ids)} ids in one call; the limit is {MAX_INDEXING_IDS}",
+            )
+        known = await self.pipeline.registry.known(list(request.ids))
+        return ingest_pb2.GetIndexingResponse(
+            documents=[
+                ingest_pb2.DocumentIndexing(
+                    id=doc_id, accepted_hash=k.accepted or "", searchable_hash=k.active or ""
+                )
+                for doc_id, k in zip(request.ids, known, strict=True)
+            ]
+        )
 
-class RawDocumentConsumer:
-    """Feeds the raw-documents topic through the same pipeline as gRPC. Bad records and invalid
-    documents go to the dead-letter topic; the records around them are still ingested. Offsets
-    are committed only after a batch is published (at-least-once; the content-hash dedup makes
-    a redelivery a no-op)."""
 
-    def __init__(
-        self, consumer: AIOKafkaConsumer, pipeline: IngestPipeline, dead_letters: DeadLetterSink
-    ):
-        self.consumer = consumer
+class RawDocuments:
+    """The raw-documents topic's handler: records go through the same pipeline as gRPC (and so
+    through the outbox before their offsets are committed). Bad records and invalid documents
+    go to the dead-letter topic; the records around them are still ingested; a redelivery is
+    answered "unchanged"."""
+
+    def __init__(self, pipeline: IngestPipeline):
         self.pipeline = pipeline
-        self.dead_letters = dead_letters
 
-    async def run(self) -> None:
-        while True:
-            batches = await self.consumer.getmany(timeout_ms=500, max_records=256)
-            for tp, records in batches.items():
-                EVENTS_CONSUMED.labels("ingest", tp.topic).inc(len(records))
-                parsed = []
-                for record in records:
-                    try:
-                        parsed.append((record, parse_raw_record(record.value, record.headers)))
-                    except BadEvent as exc:
-                        await self.dead_letters.send_record(record, str(exc))
-                if parsed:
-                    results = await self.pipeline.ingest([p for _, p in parsed])
-                    for (record, _), result in zip(parsed, results, strict=True):
-                        if result.status == ingest_pb2.INGEST_STATUS_REJECTED:
-                            await self.dead_letters.send_record(record, result.error)
-                # Commit exactly what was handled: the consumer's position may be further on.
-                await self.consumer.commit({tp: records[-1].offset + 1})
+    async def handle(self, records: list[ConsumerRecord]) -> Rejects:
+        rejects: Rejects = []
+        parsed = []
+        for record in records:
+            try:
+                parsed.append((record, parse_raw_record(record.value, record.headers)))
+            except BadEvent as exc:
+                rejects.append((record, str(exc)))
+        # One ingest per trace, so each record's chunks carry its producer's traceparent; the
+        # records without one share a new trace.
+        untraced = new_trace().trace_id
+        by_trace: dict[str, list[tuple[ConsumerRecord, RawInput]]] = {}
+        for record, raw in parsed:
+            by_trace.setdefault(trace_of_record(record) or untraced, []).append((record, raw))
+        for trace_id, group in by_trace.items():
+            results = await self.pipeline.ingest([p for _, p in group], trace_id)
+            for (record, _), result in zip(group, results, strict=True):
+                if result.status == ingest_pb2.INGEST_STATUS_REJECTED:
+                    rejects.append((record, result.error))
+        return rejects
 
 
 async def main() -> None:
@@ -144,44 +181,61 @@ async def main() -> None:
     redis = redisutil.connect(settings.redis_url)
     producer = make_producer(settings, "ingest")
 
-    async def publish(records: Sequence[tuple[str, bytes, bytes]]) -> None:
-        futures = [await producer.send(topic, value, key=key) for topic, key, value in records]
-        await asyncio.gather(*futures)
+    async def publish(records: Sequence[tuple[str, bytes, bytes]]) -> list[LogPosition]:
+        # Timestamps set here: the outbox keeps them, and the reconciler recognises its records
+        # in the log by offset and timestamp (the producer's metadata reports a batch's).
+        at = now_ms()
+        futures = [
+            await producer.send(topic, value, key=key, timestamp_ms=at)
+            for topic, key, value in records
+        ]
+        sent = await asyncio.gather(*futures)
         for topic, _, _ in records:
             EVENTS_PRODUCED.labels("ingest", topic).inc()
+        return [LogPosition(m.partition, m.offset, at) for m in sent]
 
     chunker = Chunker(
         load_tokenizer(settings.embed_model),
         settings.ingest_chunk_tokens,
         settings.ingest_chunk_overlap,
     )
+    registry = RedisDocumentRegistry(redis, settings.redis_prefix)
     pipeline = IngestPipeline(
         chunker,
-        RedisDocumentRegistry(redis, settings.redis_prefix, settings.ingest_inflight_s),
+        registry,
         publish,
         settings.topic_chunks,
         settings.ingest_max_document_bytes,
+        settings.ingest_check_after_s,
     )
+    probe = LogProbe(settings.kafka_bootstrap, "ingest-reconciler")
+    reconciler = Reconciler(settings, pipeline, registry, probe, redis)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(pipeline, settings.ingest_max_batch), app.server
     )
     app.add_service(ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name)
-    consumer = make_consumer(settings, settings.ingest_raw_group, [settings.topic_raw_documents])
+    raw = StreamConsumer(
+        settings,
+        "ingest",
+        settings.ingest_raw_group,
+        {settings.topic_raw_documents: RawDocuments(pipeline).handle},
+        producer=producer,
+        redis=redis,
+    )
 
     async def start() -> None:
         await producer.start()
-        await consumer.start()
-        raw = RawDocumentConsumer(consumer, pipeline, DeadLetterSink(producer, settings, "ingest"))
-        app.spawn(raw.run(), "raw-documents")
+        app.spawn(reconciler.run(), "reconciler")
 
     async def stop() -> None:
-        await consumer.stop()
+        await probe.close()
         await producer.flush()
         await producer.stop()
         await redis.aclose()
 
     app.on_start(start)
     app.on_stop(stop)
+    attach_stream(app, raw, "raw-documents")
     app.add_check("redis", lambda: redisutil.ping(redis))
     app.add_check("kafka", lambda: kafka_alive(settings.kafka_bootstrap))
     await app.serve()

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from knowstream.events.v1 import events_pb2
-from services.common.kafka import BadEvent, parse_event, parse_knowledge_event
+from services.common.kafka import BadEvent, new_header, parse_event, parse_knowledge_event
+from services.common.metrics import DRIFT_MMD2, DRIFT_P_VALUE, DRIFT_WINDOW
 from services.monitor.drift import Reference
 from services.monitor.policy import DriftPolicy, PolicyState
 from services.monitor.settings import MonitorSettings
@@ -138,6 +139,7 @@ class Monitor:
             gaps = [g for g in await self.store.gaps() if not g["closed_ms"]]
             now = int(time.time() * 1000)
             changed = []
+            closing: list[OutboxRecord] = []
             for gap in gaps:
                 for group in by_dim.values():
                     if cover_gap(
@@ -150,8 +152,29 @@ class Monitor:
                         changed.append(gap)
                 if gap["closed_ms"]:
                     log.info("knowledge gap %s closed by ingested documents", gap["key"])
-            await self.store.save_gaps(list({g["key"]: g for g in changed}.values()))
+                    closing.append(await self._learn_closed_gap(gap, now))
+            await self.store.save_gaps(list({g["key"]: g for g in changed}.values()), closing)
+        if closing:
+            await self.flush_outbox()
         return len(vectors)
+
+    async def _learn_closed_gap(self, gap: dict[str, Any], now_ms: int) -> OutboxRecord:
+        """A gap closed by new documents asks the trainer to learn them: a RetrainRequested
+        whose idempotency key is the gap's, so a replay asks once."""
+        key = f"{gap['key']}:closed"
+        event = events_pb2.RetrainRequested(
+            header=new_header("monitor", key),
+            idempotency_key=key,
+            reason=(
+                f"knowledge gap {gap['key']} closed by newly ingested documents: "
+                "learn what they brought"
+            ),
+            example_questions=list(gap["questions"])[:16],
+            live_adapter=await self.live_adapter(),
+            from_ms=int(gap["created_ms"]),
+            to_ms=now_ms,
+        )
+        return OutboxRecord(self.settings.topic_retrain, key, event.SerializeToString())
 
     # -- reference --------------------------------------------------------------------------
     async def set_reference(
@@ -263,6 +286,9 @@ class Monitor:
             signals,
             self.settings,
         )
+        DRIFT_P_VALUE.set(record.p_value)
+        DRIFT_MMD2.set(record.mmd2)
+        DRIFT_WINDOW.set(record.index)
         policy = DriftPolicy(
             policy_config(self.settings), ref.id, PolicyState.from_dict(state.policy)
         )

@@ -1,29 +1,27 @@
-"""Monitor service: a faust app consuming inference, shadow-pair and feedback events into the
+"""Monitor service: a stream consuming inference, shadow-pair and feedback events into the
 drift monitor (and embedded chunks, to follow how ingested documents close knowledge gaps), and
 the gRPC MonitorService (status, reference, events) in one process."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-import faust
 import grpc
 import numpy as np
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
 from knowstream.events.v1 import events_pb2
 from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from services.common.adapters import AdapterRegistry, UnknownAdapter
+from services.common.adapters import AdapterRegistry
 from services.common.clients import channel
+from services.common.consumer import Rejects, StreamConsumer, attach_stream
 from services.common.grpcserver import service_app
 from services.common.kafka import BadEvent, make_producer
-from services.common.keys import adapter_questions_key
-from services.common.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED
+from services.common.metrics import EVENTS_PRODUCED
 from services.common.net import kafka_alive
-from services.common.redisutil import connect, ping, text
-from services.common.streams import StreamHealth, attach, dead_letter, make_faust_app
+from services.common.redisutil import connect, ping
 from services.monitor.monitor import Monitor
 from services.monitor.settings import MonitorSettings
 from services.monitor.store import LogEntry, MonitorStore
@@ -36,56 +34,47 @@ EMBED_BATCH = 128
 MAX_REFERENCE_TEXTS = 20_000
 
 
-def build_stream(settings: MonitorSettings, monitor: Monitor, health: StreamHealth) -> faust.App:
-    app = make_faust_app(settings, settings.monitor_group)
+def build_stream(
+    settings: MonitorSettings, monitor: Monitor, producer: AIOKafkaProducer, redis: Any
+) -> StreamConsumer:
+    """One consumer for the monitor's four topics; events it cannot read go to their topic's
+    dead-letter topic (and are counted in the drift status)."""
 
-    def topic(name: str) -> Any:
-        return app.topic(name, key_type=bytes, value_type=bytes)
+    def events(accept: Any, then: Any = None) -> Any:
+        async def handle(records: list[ConsumerRecord]) -> Rejects:
+            rejects: Rejects = []
+            for record in records:
+                try:
+                    await accept(record.value)
+                except BadEvent as exc:
+                    rejects.append((record, str(exc)))
+            for _ in rejects:
+                await monitor.store.count_dead_letter()
+            if then is not None:
+                await then()
+            return rejects
 
-    async def consume(stream: Any, name: str, accept: Any, then: Any = None) -> None:
-        dlq = topic(settings.dlq(name))
-        try:
-            async for batch in stream.take_events(
-                settings.monitor_stream_batch, within=settings.monitor_stream_wait_s
-            ):
-                EVENTS_CONSUMED.labels("monitor", name).inc(len(batch))
-                futures = []
-                for event in batch:
-                    try:
-                        await accept(event.message.value)
-                    except BadEvent as exc:
-                        futures.append(await dead_letter(dlq, event.message, str(exc), "monitor"))
-                        await monitor.store.count_dead_letter()
-                await asyncio.gather(*futures)
-                if then is not None:
-                    await then()
-        except Exception as exc:
-            health.crashed(exc)
-            raise
+        return handle
 
-    @app.agent(topic(settings.topic_inference), concurrency=1)
-    async def inference(stream: Any) -> None:
-        await consume(stream, settings.topic_inference, monitor.accept_inference, monitor.advance)
+    async def embedded_chunks(records: list[ConsumerRecord]) -> None:
+        await monitor.accept_chunks([r.value for r in records])
 
-    @app.agent(topic(settings.topic_shadow), concurrency=1)
-    async def shadow_pairs(stream: Any) -> None:
-        await consume(stream, settings.topic_shadow, monitor.accept_shadow)
-
-    @app.agent(topic(settings.topic_feedback), concurrency=1)
-    async def feedback(stream: Any) -> None:
-        await consume(stream, settings.topic_feedback, monitor.accept_feedback)
-
-    @app.agent(topic(settings.topic_embedded), concurrency=1)
-    async def embedded_chunks(stream: Any) -> None:
-        try:
-            async for batch in stream.take_events(256, within=settings.monitor_stream_wait_s):
-                EVENTS_CONSUMED.labels("monitor", settings.topic_embedded).inc(len(batch))
-                await monitor.accept_chunks([e.message.value for e in batch])
-        except Exception as exc:
-            health.crashed(exc)
-            raise
-
-    return app
+    handlers = {
+        settings.topic_inference: events(monitor.accept_inference, monitor.advance),
+        settings.topic_shadow: events(monitor.accept_shadow),
+        settings.topic_feedback: events(monitor.accept_feedback),
+        settings.topic_embedded: embedded_chunks,
+    }
+    return StreamConsumer(
+        settings,
+        "monitor",
+        settings.monitor_group,
+        handlers,
+        producer=producer,
+        redis=redis,
+        max_records=settings.monitor_stream_batch,
+        poll_timeout_ms=max(1, int(settings.monitor_stream_wait_s * 1000)),
+    )
 
 
 def reference_info(info: dict[str, Any]) -> monitor_pb2.ReferenceInfo:
@@ -115,7 +104,9 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         self.registry = registry
         self.embed = embed
 
-    async def GetDriftStatus(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetDriftStatus(
+        self, request: monitor_pb2.GetDriftStatusRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.DriftStatus:
         s = self.settings
         state = await self.monitor.store.state()
         count = min(request.windows or 20, s.monitor_history)
@@ -161,7 +152,9 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             )
         return status
 
-    async def SetReference(self, request, context):  # type: ignore[no-untyped-def]
+    async def SetReference(
+        self, request: monitor_pb2.SetReferenceRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.ReferenceInfo:
         source = request.WhichOneof("source")
         limit = self.settings.monitor_log_max
         entries: list[LogEntry] = []
@@ -208,13 +201,8 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             if any(not t.strip() for t in texts):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty text in texts")
         else:
-            try:
-                adapter = await self.registry.resolve(request.adapter or "live")
-            except UnknownAdapter as exc:
-                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            key = adapter_questions_key(self.settings.redis_prefix, adapter)
-            raw = await self.registry.redis.lrange(key, 0, MAX_REFERENCE_TEXTS - 1)  # type: ignore[misc]
-            texts = [text(t) for t in raw]
+            adapter = await self.registry.resolve(request.adapter or "live")  # or NotFound
+            texts = await self.registry.training_questions(adapter, MAX_REFERENCE_TEXTS)
             if not texts:
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -253,7 +241,9 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
             vectors.extend(e.values for e in reply.embeddings)
         return np.asarray(vectors, dtype=np.float32)
 
-    async def ListEvents(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListEvents(
+        self, request: monitor_pb2.ListEventsRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.ListEventsResponse:
         events = []
         for raw in await self.monitor.store.events(min(request.limit or 20, 1000)):
             event = events_pb2.DriftEvent()
@@ -267,6 +257,7 @@ async def main() -> None:
     app = service_app("monitor", settings, settings.monitor_port, settings.monitor_metrics_port)
     redis = connect(settings.redis_url)
     producer = make_producer(settings, "monitor")
+    app.audit.use(producer)
     registry = AdapterRegistry(redis, settings)
     store = MonitorStore(
         redis, settings.redis_prefix, settings.monitor_dedup_ttl_s, settings.monitor_log_max
@@ -302,8 +293,7 @@ async def main() -> None:
     app.on_start(start)
     app.on_stop(stop)
     # Registered after start: the stream starts once the producer and the monitor are ready.
-    health = StreamHealth()
-    attach(app, build_stream(settings, monitor, health), health, "monitor-stream")
+    attach_stream(app, build_stream(settings, monitor, producer, redis), "monitor-stream")
     app.add_check("redis", lambda: ping(redis))
     app.add_check("kafka", lambda: kafka_alive(settings.kafka_bootstrap))
     await app.serve()

@@ -294,11 +294,19 @@ class MonitorStore:
         gaps = [json.loads(v) for v in raw.values()]
         return sorted(gaps, key=lambda g: -int(g["created_ms"]))
 
-    async def save_gaps(self, gaps: list[dict[str, Any]]) -> None:
-        if gaps:
-            await self.redis.hset(  # type: ignore[misc]
-                self.gaps_key, mapping={g["key"]: json.dumps(g) for g in gaps}
-            )
+    async def save_gaps(
+        self, gaps: list[dict[str, Any]], outbox: list[OutboxRecord] | None = None
+    ) -> None:
+        """Stores changed gaps and, in the same transaction, the events their change raises
+        (a closed gap's retrain request), so neither is lost without the other."""
+        if not gaps and not outbox:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if gaps:
+                pipe.hset(self.gaps_key, mapping={g["key"]: json.dumps(g) for g in gaps})
+            for record in outbox or []:
+                pipe.hset(self.outbox_key, f"{record.topic}\n{record.key}", record.value)
+            await pipe.execute()
 
     async def outbox(self) -> list[OutboxRecord]:
         raw: dict[Any, Any] = await self.redis.hgetall(self.outbox_key)  # type: ignore[misc]

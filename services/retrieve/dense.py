@@ -16,6 +16,8 @@ from typing import Protocol
 import faiss
 import numpy as np
 
+from services.common.access import MAX_GROUPS, Scope, readable
+
 log = logging.getLogger(__name__)
 
 
@@ -24,15 +26,19 @@ class Filters:
     domains: frozenset[str] = field(default_factory=frozenset)
     sources: frozenset[str] = field(default_factory=frozenset)
     doc_ids: frozenset[str] = field(default_factory=frozenset)
+    # Document access groups the caller may read besides public chunks; None = every chunk
+    # (services/common/access.py). Unlike the others, an empty set filters: public only.
+    groups: Scope = None
 
     def __bool__(self) -> bool:
-        return bool(self.domains or self.sources or self.doc_ids)
+        return bool(self.domains or self.sources or self.doc_ids) or self.groups is not None
 
-    def matches(self, domain: str, source: str, doc_id: str) -> bool:
+    def matches(self, domain: str, source: str, doc_id: str, groups: Sequence[str] = ()) -> bool:
         return (
             (not self.domains or domain in self.domains)
             and (not self.sources or source in self.sources)
             and (not self.doc_ids or doc_id in self.doc_ids)
+            and readable(groups, self.groups)
         )
 
 
@@ -41,6 +47,7 @@ class VectorMeta:
     doc_id: str
     domain: str
     source: str
+    access_groups: tuple[str, ...] = ()
 
 
 class DenseBackend(Protocol):
@@ -164,6 +171,13 @@ class MilvusBackend:
         schema.add_field("doc_id", dt.VARCHAR, max_length=512)
         schema.add_field("domain", dt.VARCHAR, max_length=256)
         schema.add_field("source", dt.VARCHAR, max_length=1024)
+        schema.add_field(
+            "access_groups",
+            dt.ARRAY,
+            element_type=dt.VARCHAR,
+            max_capacity=MAX_GROUPS,
+            max_length=64,
+        )
         index = self.client.prepare_index_params()
         index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
         self.client.create_collection(self.collection, schema=schema, index_params=index)
@@ -182,6 +196,7 @@ class MilvusBackend:
                 "doc_id": m.doc_id,
                 "domain": m.domain,
                 "source": m.source,
+                "access_groups": list(m.access_groups),
             }
             for i, v, m in zip(ids, vectors, metas, strict=True)
         ]
@@ -195,6 +210,11 @@ class MilvusBackend:
 
     @staticmethod
     def _expr(filters: Filters) -> str:
+        def quoted(values: frozenset[str]) -> str:
+            return ", ".join(
+                '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in sorted(values)
+            )
+
         parts = []
         for name, values in (
             ("domain", filters.domains),
@@ -202,10 +222,14 @@ class MilvusBackend:
             ("doc_id", filters.doc_ids),
         ):
             if values:
-                quoted = ", ".join(
-                    '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in sorted(values)
-                )
-                parts.append(f"{name} in [{quoted}]")
+                parts.append(f"{name} in [{quoted(values)}]")
+        if filters.groups is not None:
+            public = "array_length(access_groups) == 0"
+            parts.append(
+                f"({public} or array_contains_any(access_groups, [{quoted(filters.groups)}]))"
+                if filters.groups
+                else public
+            )
         return " and ".join(parts)
 
     def search(

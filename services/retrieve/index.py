@@ -72,8 +72,13 @@ class HybridIndex:
         self._live = np.zeros(1024, dtype=bool)
         self._domain = np.full(1024, -1, dtype=np.int32)
         self._source = np.full(1024, -1, dtype=np.int32)
+        # A chunk's access groups, encoded as the code of its whole (sorted) set of groups:
+        # few distinct sets exist, so a scope filter is one vectorised isin over the codes of
+        # the sets it may read ("" = public).
+        self._acl = np.full(1024, -1, dtype=np.int32)
         self._domains = _Codes()
         self._sources = _Codes()
+        self._acls = _Codes()
         self._changes_during_compaction: list[tuple[str, list[int]]] | None = None
 
     def __len__(self) -> int:
@@ -87,7 +92,7 @@ class HybridIndex:
         if size <= len(self._live):
             return
         new = max(size, 2 * len(self._live))
-        for name, fill in (("_live", False), ("_domain", -1), ("_source", -1)):
+        for name, fill in (("_live", False), ("_domain", -1), ("_source", -1), ("_acl", -1)):
             old = getattr(self, name)
             grown = np.full(new, fill, dtype=old.dtype)
             grown[: len(old)] = old
@@ -114,7 +119,11 @@ class HybridIndex:
             self._live[i] = True
             self._domain[i] = self._domains.code(chunk.metadata.domain)
             self._source[i] = self._sources.code(chunk.metadata.source)
-            metas.append(VectorMeta(chunk.doc_id, chunk.metadata.domain, chunk.metadata.source))
+            groups = tuple(sorted(set(chunk.metadata.access_groups)))
+            self._acl[i] = self._acls.code(_ACL_SEP.join(groups))
+            metas.append(
+                VectorMeta(chunk.doc_id, chunk.metadata.domain, chunk.metadata.source, groups)
+            )
         self.dense.add(ids, vectors, metas)
         if self._changes_during_compaction is not None:
             self._changes_during_compaction.append(("add", [int(i) for i in ids]))
@@ -137,6 +146,19 @@ class HybridIndex:
             self._changes_during_compaction.append(("remove", ids))
         self.lexical.remove(ids)
         return len(ids)
+
+    def metadata(self, chunk: events_pb2.ChunkEvent) -> events_pb2.DocumentMetadata:
+        """A chunk's document metadata. Ingest puts tags and attributes only on the first chunk
+        of a version (once per document); every chunk has the filterable fields. A version is
+        indexed only once all its chunks are here, so its first chunk is found."""
+        md = chunk.metadata
+        if chunk.chunk_index == 0 or md.tags or md.attributes:
+            return md
+        for i in self.by_doc.get(chunk.doc_id, ()):
+            head = self.records[i].chunk
+            if head.chunk_index == 0 and head.content_hash == chunk.content_hash:
+                return head.metadata
+        return md
 
     def needs_compaction(self, min_tombstones: int = 1000) -> bool:
         """True once removed chunks make up a quarter of an HNSW graph."""
@@ -192,7 +214,17 @@ class HybridIndex:
             for d in filters.doc_ids:
                 doc_mask[list(self.by_doc.get(d, ()))] = True
             mask &= doc_mask
+        if filters.groups is not None:
+            mask &= np.isin(self._acl, self._readable_acls(filters.groups))
         return mask
+
+    def _readable_acls(self, scope: frozenset[str]) -> list[int]:
+        """Codes of the group sets readable within ``scope``: public, or sharing a group."""
+        return [
+            code
+            for key, code in self._acls.codes.items()
+            if not key or not scope.isdisjoint(key.split(_ACL_SEP))
+        ]
 
     def search_dense(
         self, vector: np.ndarray, k: int, filters: Filters, mask: np.ndarray | None
@@ -255,6 +287,9 @@ class HybridIndex:
                 hit.bm25_score, hit.bm25_rank = s, rank
             hits.append(hit)
         return hits
+
+
+_ACL_SEP = "\x1f"  # group names never hold it (services/common/access.py)
 
 
 def _lexical_text(chunk: events_pb2.ChunkEvent) -> str:

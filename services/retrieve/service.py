@@ -10,25 +10,20 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
-from knowstream.events.v1 import events_pb2
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from services.common import clients, redisutil
+from services.common.access import narrow
+from services.common.auth import caller_scope
+from services.common.consumer import StreamConsumer, attach_stream
 from services.common.embedding import Embedder
 from services.common.grpcserver import service_app
-from services.common.kafka import (
-    BadEvent,
-    DeadLetterSink,
-    make_consumer,
-    make_producer,
-    parse_knowledge_event,
-)
-from services.common.metrics import EVENTS_CONSUMED
+from services.common.kafka import make_producer
 from services.common.net import kafka_alive
 from services.retrieve.dense import Filters, make_backend
 from services.retrieve.index import FusionConfig, Hit, HybridIndex
+from services.retrieve.indexer import Indexer, StoredOffsets
 from services.retrieve.settings import RetrieveSettings
 from services.retrieve.store import ChunkStore
 
@@ -84,186 +79,6 @@ class QueryEmbedder:
         return vector
 
 
-class Indexer:
-    """Applies embedded-chunk records to Redis (authoritative) and then to the in-memory index.
-
-    On (re)assignment each partition is positioned at the offset stored in Redis with the data,
-    not at the broker's committed offset, so a crash between the two never loses or repeats a
-    record. Kafka commits are still made, for lag monitoring.
-    """
-
-    def __init__(
-        self,
-        settings: RetrieveSettings,
-        index: HybridIndex,
-        store: ChunkStore,
-        consumer: AIOKafkaConsumer,
-        dead_letters: DeadLetterSink,
-        model: str,
-    ):
-        self.settings = settings
-        self.index = index
-        self.store = store
-        self.consumer = consumer
-        self.dead_letters = dead_letters
-        self.model = model
-        self.pending: dict[str, events_pb2.EmbeddedChunk] = {}
-        self.bm25_dirty = asyncio.Event()
-        self.compacting = False
-        self._compaction: asyncio.Future[None] | None = None
-
-    async def load(self) -> None:
-        start = time.perf_counter()
-        self.index.clear()
-        chunks = await self.store.load_active()
-        for i in range(0, len(chunks), 1000):
-            self.index.add(chunks[i : i + 1000])
-        await asyncio.to_thread(self.index.lexical.rebuild)
-        log.info(
-            "index rebuilt from Redis",
-            extra={
-                "chunks": len(self.index),
-                "documents": self.index.documents,
-                "seconds": round(time.perf_counter() - start, 2),
-            },
-        )
-
-    async def seek_to_stored(self, partitions: set[TopicPartition]) -> None:
-        offsets = await self.store.offsets()
-        ends = await self.consumer.end_offsets(list(partitions)) if partitions else {}
-        for tp in partitions:
-            stored = offsets.get(tp.partition)
-            if stored is None:
-                continue
-            if stored > ends.get(tp, stored):
-                # The log is shorter than what was consumed: the broker lost its data (the
-                # embedded broker keeps nothing across a restart). Indexed chunks stay in Redis;
-                # read the new log from its start.
-                log.warning(
-                    "partition %d ends at %d, below the stored offset %d: the log was "
-                    "reset; reading it from the start",
-                    tp.partition,
-                    ends[tp],
-                    stored,
-                )
-                await self.store.reset_offset(tp.partition)
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, stored)
-
-    def _check(self, event: events_pb2.KnowledgeEvent) -> None:
-        if event.WhichOneof("kind") == "embedded":
-            embedded = event.embedded
-            if embedded.model != self.model:
-                raise BadEvent(
-                    f"embedded with model {embedded.model!r}; this index uses {self.model!r}"
-                )
-            if len(embedded.vector) != self.index.dimension:
-                raise BadEvent(
-                    f"vector has {len(embedded.vector)} dimensions; the index has "
-                    f"{self.index.dimension}"
-                )
-        elif event.WhichOneof("kind") != "deleted":
-            raise BadEvent(f"unexpected {event.WhichOneof('kind')} event on the embedded topic")
-
-    async def handle(self, tp: TopicPartition, records: list) -> None:  # type: ignore[type-arg]
-        stored = (await self.store.offsets()).get(tp.partition, -1)
-        if records and stored > records[-1].offset + 1 and stored > await self._end(tp):
-            await self.seek_to_stored({tp})  # log reset while assigned
-            return
-        good: list[tuple[int, int, events_pb2.KnowledgeEvent]] = []
-        for record in records:
-            if record.offset < stored:
-                continue  # already applied before a restart or rebalance
-            try:
-                event = parse_knowledge_event(record.value)
-                self._check(event)
-            except BadEvent as exc:
-                # Flush what came before, so offsets stay in order.
-                await self._apply(good)
-                good = []
-                await self.dead_letters.send_record(record, str(exc))
-                await self.store.advance(tp.partition, record.offset)
-                continue
-            good.append((tp.partition, record.offset, event))
-        await self._apply(good)
-        await self.consumer.commit({tp: records[-1].offset + 1})
-
-    async def _end(self, tp: TopicPartition) -> int:
-        return int((await self.consumer.end_offsets([tp]))[tp])
-
-    async def _apply(self, good: list[tuple[int, int, events_pb2.KnowledgeEvent]]) -> None:
-        if not good:
-            return
-        for _, _, event in good:
-            if event.WhichOneof("kind") == "embedded":
-                self.pending[event.embedded.chunk.chunk_id] = event.embedded
-        for applied in await self.store.apply(good):
-            if applied.removed:
-                self.index.remove(list(applied.removed))
-                for chunk_id in applied.removed:
-                    self.pending.pop(chunk_id, None)
-                self.bm25_dirty.set()
-            if applied.kind == "activated":
-                await self._activate(applied.doc_id, applied.version)
-        if self.index.needs_compaction() and not self.compacting:
-            self.compacting = True
-            self._compaction = asyncio.ensure_future(self._compact())
-
-    async def _compact(self) -> None:
-        start = time.perf_counter()
-        try:
-            await self.index.compact()
-        finally:
-            self.compacting = False
-        log.info(
-            "dense index compacted",
-            extra={"chunks": len(self.index), "seconds": round(time.perf_counter() - start, 2)},
-        )
-
-    async def _activate(self, doc_id: str, version: str) -> None:
-        prefix = f"{doc_id}#{version[:16]}#"
-        chunks = [c for cid, c in self.pending.items() if cid.startswith(prefix)]
-        expected = chunks[0].chunk.chunk_count if chunks else -1
-        if len(chunks) != expected:
-            chunks = await self.store.version_chunks(doc_id, version)  # arrived before a restart
-        for c in chunks:
-            self.pending.pop(c.chunk.chunk_id, None)
-        self.index.add(chunks)
-        self.bm25_dirty.set()
-
-    async def run(self) -> None:
-        while True:
-            batches = await self.consumer.getmany(
-                timeout_ms=200, max_records=self.settings.retrieve_poll_records
-            )
-            for tp, records in batches.items():
-                EVENTS_CONSUMED.labels("retrieve", tp.topic).inc(len(records))
-                await self.handle(tp, records)
-
-    async def rebuild_bm25(self) -> None:
-        while True:
-            await self.bm25_dirty.wait()
-            self.bm25_dirty.clear()
-            start = time.perf_counter()
-            await asyncio.to_thread(self.index.lexical.rebuild)
-            took = time.perf_counter() - start
-            # A rebuild is O(corpus): while a large corpus is loading, pause in proportion so
-            # rebuilds take at most a third of a core away from indexing.
-            await asyncio.sleep(max(self.settings.retrieve_bm25_rebuild_s, 2 * took))
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, indexer: Indexer):
-        self.indexer = indexer
-
-    async def on_partitions_revoked(self, revoked) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    async def on_partitions_assigned(self, assigned) -> None:  # type: ignore[no-untyped-def]
-        await self.indexer.seek_to_stored(set(assigned))
-
-
 class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
     """Registered before the server starts; :meth:`attach` hands it the index once loaded."""
 
@@ -287,12 +102,17 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
         assert self._indexer is not None
         return self._indexer
 
-    async def Search(self, request, context):  # type: ignore[no-untyped-def]
+    async def Search(
+        self, request: retrieve_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> retrieve_pb2.SearchResponse:
         start = time.perf_counter()
         index = (await self._ready(context)).index
         query = request.query.strip()
         if not query:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query is empty")
+        # LimitExceeded: the interceptor answers INVALID_ARGUMENT with the field and the limit.
+        self.settings.check_text("query", request.query, "limit_query_chars")
+        self.settings.check_search_filters(request.filters)
         k = request.k or self.settings.retrieve_default_k
         if k > self.settings.retrieve_max_k:
             await context.abort(
@@ -301,8 +121,15 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
             )
         mode = MODES.get(request.mode, "hybrid")
         f = request.filters
+        # What the caller may read (its token's groups), narrowed by the groups the request
+        # names: the infer service, which searches as the services' admin token, names its own
+        # caller's groups there; a reader's request can narrow its own, never widen them.
+        scope = narrow(caller_scope(), f.access.groups if f.HasField("access") else None)
         filters = Filters(
-            frozenset(d.lower() for d in f.domains), frozenset(f.sources), frozenset(f.doc_ids)
+            frozenset(d.lower() for d in f.domains),
+            frozenset(f.sources),
+            frozenset(f.doc_ids),
+            scope,
         )
         mask = index.filter_mask(filters)
         candidates = max(k, self.fusion.candidates)
@@ -331,11 +158,13 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
             hits = index.fuse(dense, bm25, k, self.fusion)
         else:
             hits = index.single(dense if mode == "dense" else bm25, k, mode)
-        reply.hits.extend(_hit_proto(h) for h in hits)
+        reply.hits.extend(_hit_proto(h, index) for h in hits)
         reply.total_ms = (time.perf_counter() - start) * 1000
         return reply
 
-    async def GetIndexStats(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetIndexStats(
+        self, request: retrieve_pb2.GetIndexStatsRequest, context: grpc.aio.ServicerContext
+    ) -> retrieve_pb2.IndexStats:
         indexer = await self._ready(context)
         index = indexer.index
         return retrieve_pb2.IndexStats(
@@ -348,7 +177,7 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
         )
 
 
-def _hit_proto(hit: Hit) -> retrieve_pb2.SearchHit:
+def _hit_proto(hit: Hit, index: HybridIndex) -> retrieve_pb2.SearchHit:
     c = hit.record.chunk
     return retrieve_pb2.SearchHit(
         doc_id=c.doc_id,
@@ -360,7 +189,7 @@ def _hit_proto(hit: Hit) -> retrieve_pb2.SearchHit:
         bm25_score=hit.bm25_score,
         dense_rank=hit.dense_rank,
         bm25_rank=hit.bm25_rank,
-        metadata=c.metadata,
+        metadata=index.metadata(c),
         content_hash=c.content_hash,
         chunk_index=c.chunk_index,
         token_start=c.token_start,
@@ -376,9 +205,6 @@ async def main() -> None:
     embed_channel = clients.channel(settings.endpoint("embed"))
     embed_stub = embed_pb2_grpc.EmbedServiceStub(embed_channel)
     producer = make_producer(settings, "retrieve")
-    consumer = make_consumer(
-        settings, settings.retrieve_group, [], max_poll_records=settings.retrieve_poll_records
-    )
     loaded = asyncio.Event()
     local = settings.retrieve_query_embedder == "local"
     embedder = None
@@ -389,8 +215,30 @@ async def main() -> None:
         encode = remote_encoder(embed_stub, settings.rpc_timeout_s)
     servicer = RetrieveServicer(settings, QueryEmbedder(encode, settings.retrieve_query_cache))
     retrieve_pb2_grpc.add_RetrieveServiceServicer_to_server(servicer, app.server)
+    store = ChunkStore(redis, settings.redis_prefix, settings.topic_embedded)
+    # The stream is built now (its start hook must come after the index is loaded) and given
+    # its handler once the index dimension is known.
+    indexer: Indexer | None = None
+
+    async def handle(records: list) -> None:  # type: ignore[type-arg]
+        assert indexer is not None
+        await indexer.handle(records)
+
+    stream = StreamConsumer(
+        settings,
+        "retrieve",
+        settings.retrieve_group,
+        {settings.topic_embedded: handle},
+        producer=producer,
+        redis=redis,
+        positions=StoredOffsets(store),
+        max_records=settings.retrieve_poll_records,
+        poll_timeout_ms=200,
+        max_poll_records=settings.retrieve_poll_records,
+    )
 
     async def start() -> None:
+        nonlocal indexer
         if embedder is not None:
             info = embed_pb2.ModelInfo(model=settings.embed_model, dimension=embedder.dimension)
         else:
@@ -413,27 +261,17 @@ async def main() -> None:
             settings.retrieve_milvus_collection,
             settings.retrieve_faiss_index,
         )
-        index = HybridIndex(backend, info.dimension)
-        store = ChunkStore(redis, settings.redis_prefix, settings.topic_embedded)
         await producer.start()
-        indexer = Indexer(
-            settings,
-            index,
-            store,
-            consumer,
-            DeadLetterSink(producer, settings, "retrieve"),
-            info.model,
-        )
+        indexer = Indexer(settings, HybridIndex(backend, info.dimension), store, info.model)
+        indexer.consumer = stream.consumer
+        indexer.dead_letters = stream.dead_letters
         await indexer.load()
         servicer.attach(indexer)
-        consumer.subscribe([settings.topic_embedded], listener=_Rebalance(indexer))
-        await consumer.start()
-        app.spawn(indexer.run(), "indexer")
         app.spawn(indexer.rebuild_bm25(), "bm25-rebuild")
+        app.spawn(indexer.watch_redis(), "redis-watch")
         loaded.set()
 
     async def stop() -> None:
-        await consumer.stop()
         await producer.flush()
         await producer.stop()
         await embed_channel.close(None)
@@ -445,6 +283,7 @@ async def main() -> None:
     app.add_service(retrieve_pb2.DESCRIPTOR.services_by_name["RetrieveService"].full_name)
     app.on_start(start)
     app.on_stop(stop)
+    attach_stream(app, stream, "indexer")
     app.add_check("redis", lambda: redisutil.ping(redis))
     app.add_check("kafka", lambda: kafka_alive(settings.kafka_bootstrap))
     if not local:

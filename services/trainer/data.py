@@ -3,9 +3,9 @@ a replay sample of earlier data, de-duplicated, split deterministically and hash
 
 Labelled questions become the exact exchange the model is later asked in score mode: the same
 system prompt, the numbered passages and the "Answer with one of: yes, no, maybe." instruction
-(services/infer/prompts.py), and the label as the assistant's reply. Documents are
+(services/llm/prompts.py), and the label as the assistant's reply. Documents are
 continued-pretraining text. Everything here is plain data; tokenisation uses the model's chat
-template through services/infer/chat.py, as the engine does.
+template through services/llm/chat.py, as the engine does.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from services.infer.chat import encode_exchange
-from services.infer.prompts import Passage, build_prompt
+from services.llm.chat import encode_exchange
+from services.llm.prompts import Passage, build_prompt
 from services.trainer.evaluation import LABELS, Item
 
 Kind = Literal["qa", "correction", "document"]
@@ -33,6 +33,10 @@ class Example:
     target: str  # the assistant's reply, or the document text
     # The question asked (qa and corrections): what the monitor compares live questions with.
     question: str = ""
+    # Documents: train only on their key spans (numbers, these terms) and the rest of each
+    # span's clause, the salient-span loss of REALM (Guu et al., 2020), instead of every token.
+    focus: bool = False
+    terms: tuple[str, ...] = ()
 
     @property
     def content_key(self) -> str:
@@ -67,8 +71,10 @@ def correction_example(
     )
 
 
-def document_example(doc_id: str, text: str) -> Example:
-    return Example(f"doc:{doc_id}", "document", "", "", text)
+def document_example(
+    doc_id: str, text: str, focus: bool = False, terms: tuple[str, ...] = ()
+) -> Example:
+    return Example(f"doc:{doc_id}", "document", "", "", text, focus=focus, terms=tuple(terms))
 
 
 @dataclass
@@ -91,11 +97,25 @@ class Dataset:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Dataset:
         return cls(
-            train=[Example(**e) for e in data["train"]],
-            eval=[Example(**e) for e in data["eval"]],
+            train=[_example(e) for e in data["train"]],
+            eval=[_example(e) for e in data["eval"]],
             content_hash=data["content_hash"],
             provenance=data.get("provenance", {}),
         )
+
+
+def _example(raw: dict[str, Any]) -> Example:
+    return Example(**{**raw, "terms": tuple(raw.get("terms", ()))})
+
+
+def focus_ranges(text: str, terms: tuple[str, ...]) -> list[tuple[int, int]]:
+    """Character ranges of a text's key spans with the rest of their clause (what probes ask)."""
+    from services.common.probes import clause_rest, number_spans, term_spans
+
+    out = []
+    for span in number_spans(text) + term_spans(text, terms):
+        out.append((span.start, span.end + len(clause_rest(text[span.end :]))))
+    return out
 
 
 def in_eval_split(example_id: str, eval_share: float, seed: int = 0) -> bool:
@@ -142,6 +162,17 @@ def assemble(
 def tokenize(example: Example, tokenizer: Any, max_tokens: int) -> tuple[list[int], list[int]]:
     """(input ids, labels): the loss covers the reply of an exchange, or the whole document.
     Long prompts are cut from the left of the context, never the reply."""
+    if example.kind == "document" and example.focus:
+        encoded = tokenizer(example.target, add_special_tokens=True, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])[:max_tokens]
+        ranges = focus_ranges(example.target, example.terms)
+        labels = [
+            t if end > start and any(start < b and a < end for a, b in ranges) else IGNORE
+            for t, (start, end) in zip(ids, encoded["offset_mapping"], strict=False)
+        ]
+        if any(t != IGNORE for t in labels):
+            return ids, labels
+        return ids, list(ids)  # nothing key in it (or cut off): the text as a whole
     if example.kind == "document":
         ids = list(tokenizer(example.target, add_special_tokens=True)["input_ids"])[:max_tokens]
         return ids, list(ids)

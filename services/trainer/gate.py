@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from services.common.knowledge import forgetting_check
 from services.trainer.data import Example
 from services.trainer.evaluation import LABELS, metrics
 
@@ -62,13 +63,9 @@ def decide(m: GateMetrics, t: Thresholds) -> tuple[bool, list[str]]:
         f"gain {gain:+.3f} {'>=' if ok else '<'} {t.min_gain:+.3f}"
         f" (base {m.base_accuracy:.3f}, {m.eval_items} items)"
     )
-    ok = m.forgetting_pct <= t.max_forgetting_pct + 1e-9
-    passed &= ok
-    reasons.append(
-        f"general-English perplexity {m.perplexity:.3f} vs base {m.base_perplexity:.3f}: "
-        f"{m.forgetting_pct:+.2f}% {'<=' if ok else '>'} {t.max_forgetting_pct:.2f}%"
-    )
-    return passed, reasons
+    ok, reason = forgetting_check(m.perplexity, m.base_perplexity, t.max_forgetting_pct)
+    reasons.append(reason)
+    return passed and ok, reasons
 
 
 async def accuracy(

@@ -1,10 +1,16 @@
 """What the trainer does with a job, without gRPC: assemble the dataset, train in a child
-process, gate, register with lineage, hand the adapter to the rollout policy; and the policy
-itself, fed with shadow pairs.
+process, gate, register with lineage, and hand the adapter to the rollout policy
+(services/trainer/policy.py, which shadow pairs and feedback feed).
 
 One job trains at a time (a worker task takes the oldest job that has not ended, so a job
 interrupted by a restart is resumed first: its dataset is on disk and the training process
 resumes from its last checkpoint).
+
+Over 400 lines because a job's stages (dataset, training, gate, registration) are methods of
+one class: each reads and updates the job, emits its events and honours its cancellation.
+What does not need the job lives beside it: the child process (runner.py), the rollout policy
+(policy.py), the gate's measurements (gate.py), dataset recipes (sources.py) and knowledge jobs
+(knowledge_job.py).
 """
 
 from __future__ import annotations
@@ -12,40 +18,46 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 
 from knowstream.events.v1 import events_pb2
-from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
+from knowstream.infer.v1 import infer_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2
 from services.common.adapters import BASE, AdapterRegistry, UnknownAdapter, store_adapter
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.importdir import resolve_import_path
 from services.common.kafka import BadEvent, new_header, now_ms, parse_event
-from services.common.keys import adapter_questions_key
+from services.common.knowledge import ScoreFn
+from services.common.metrics import GATE_RESULTS, TRAINING_LOSS, TRAINING_TOKENS_PER_S
 from services.common.models import resolve_llm_dir
-from services.infer.llm import LLMRequest
-from services.trainer import gate, rollout
+from services.llm.llm import LLMRequest
+from services.trainer import gate, knowledge_job
 from services.trainer.data import Dataset, Example
 from services.trainer.evaluation import LABELS
+from services.trainer.policy import JobLog, RolloutPolicy
 from services.trainer.recent import read_recent_chunks
+from services.trainer.runner import TrainingFailed, run_training
 from services.trainer.settings import TrainerSettings
 from services.trainer.sources import Recipe, Search, Sources, build_dataset, read_labelled
-from services.trainer.store import ENDED, Correction, TrainerStore
-from services.trainer.train import DIE_WITH_PARENT, TrainConfig, child_env
+from services.trainer.store import ENDED, TrainerStore
+from services.trainer.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, str, bytes], Awaitable[None]]
 # (example, adapter) -> the candidate label Triton's score mode picks
 Score = Callable[[Example, str], Awaitable[str]]
+
+
+MAX_LABELLED_BYTES = 64 * 1024 * 1024
 
 
 class JobCancelled(Exception):
@@ -61,25 +73,6 @@ def parse_retrain(value: bytes | None) -> events_pb2.RetrainRequested:
     return event
 
 
-def parse_feedback(value: bytes | None) -> events_pb2.FeedbackEvent:
-    event = parse_event(value, events_pb2.FeedbackEvent)
-    if not event.request_id:
-        raise BadEvent("FeedbackEvent without a request_id")
-    return event
-
-
-def correction_of(event: events_pb2.FeedbackEvent, where: str) -> Correction | None:
-    """Feedback as a correction to train on; None for feedback without a correction or whose
-    question the infer service no longer had (valid, but nothing to train on)."""
-    if not event.correction.strip() or not event.question.strip():
-        return None
-    return Correction(event.request_id, event.question, event.correction.strip(), where)
-
-
-def parse_correction(value: bytes | None, where: str) -> Correction | None:
-    return correction_of(parse_feedback(value), where)
-
-
 class Trainer:
     def __init__(
         self,
@@ -91,6 +84,7 @@ class Trainer:
         score: Score,
         publish: Publish,
         recipe: Recipe,
+        logprobs: ScoreFn | None = None,
     ):
         self.settings = settings
         self.store = store
@@ -100,12 +94,14 @@ class Trainer:
         self.score = score
         self.publish = publish
         self.recipe = recipe
+        # Score mode on raw prompts (knowledge probes); None: knowledge jobs cannot run.
+        self.logprobs = logprobs
         self.wake = asyncio.Event()
         self.changed = asyncio.Condition()
         self.process: asyncio.subprocess.Process | None = None
         self.running: str = ""
         self.cancelled: set[str] = set()
-        self.policy_lock = asyncio.Lock()
+        self.policy = RolloutPolicy(settings, store, registry, admin, JobLog(self.save, self.event))
         self.jobs_dir = settings.trainer_dir / "jobs"
         self.datasets_dir = settings.trainer_dir / "datasets"
 
@@ -117,16 +113,46 @@ class Trainer:
         trigger_key: str = "",
         event_id: str = "",
     ) -> tuple[trainer_pb2.Job, bool]:
-        """Validates and queues a job. ValueError for bad input, UnknownAdapter for an unknown
-        parent. A repeated trigger key returns the job it made the first time."""
+        """Validates and queues a job. InvalidArgument for bad input, UnknownAdapter (NotFound)
+        for an unknown parent. A repeated trigger key returns the job it made the first time."""
         s = self.settings
+        if request.mode == trainer_pb2.TRAIN_MODE_UNSPECIFIED:
+            # Fixed at submission: a resumed job keeps the mode it started with.
+            request.mode = (
+                trainer_pb2.TRAIN_MODE_KNOWLEDGE
+                if s.trainer_mode == "knowledge"
+                else trainer_pb2.TRAIN_MODE_LABELLED
+            )
+        if request.since_ms < 0 or request.since_ms > now_ms() + 60_000:
+            raise InvalidArgument("since_ms must be a time in the past (ms since epoch) or 0")
+        if request.labelled_data:
+            # A client names a file only inside the import directory (regular, size-capped);
+            # the service's own setting is trusted.
+            request.labelled_data = str(
+                await asyncio.to_thread(
+                    resolve_import_path,
+                    request.labelled_data,
+                    s.import_root(),
+                    MAX_LABELLED_BYTES,
+                )
+            )
         path = request.labelled_data or s.trainer_labelled_data
-        if path:
-            read_labelled(path, request.limit)  # fail now, not in the worker
+        if path and request.mode == trainer_pb2.TRAIN_MODE_LABELLED:
+            # Parsed off the event loop, and now, not in the worker.
+            try:
+                await asyncio.to_thread(read_labelled, path, request.limit)
+            except ValueError as exc:
+                raise InvalidArgument(f"labelled data {path}: {exc}") from exc
+        if request.mode == trainer_pb2.TRAIN_MODE_KNOWLEDGE and self.logprobs is None:
+            raise FailedPrecondition("this trainer cannot score knowledge probes")
+        check_gate_overrides(request.gate, s)
+        s.check_text("reason", request.reason, "limit_reason_chars")
+        s.check_text("parent", request.parent, "limit_label_chars")
+        s.check_list("questions", request.questions, "limit_train_questions", "limit_query_chars")
         if request.epochs and not 0 < request.epochs <= 20:
-            raise ValueError("epochs must be in (0, 20]")
+            raise InvalidArgument("epochs must be in (0, 20]")
         if request.max_tokens and request.max_tokens < 32:
-            raise ValueError("max_tokens must be at least 32")
+            raise InvalidArgument("max_tokens must be at least 32")
         parent = await self.registry.resolve(request.parent or "live")
         job = trainer_pb2.Job(
             id=uuid.uuid4().hex[:12],
@@ -170,7 +196,7 @@ class Trainer:
                 event.idempotency_key,
                 event.header.event_id,
             )
-        except ValueError as exc:
+        except (InvalidArgument, FailedPrecondition) as exc:
             raise BadEvent(f"cannot train on this request: {exc}") from exc
         log.info(
             "retrain request %s -> job %s (%s)",
@@ -206,9 +232,9 @@ class Trainer:
     async def cancel(self, job_id: str) -> trainer_pb2.Job:
         job = await self.store.job(job_id)
         if job is None:
-            raise KeyError(job_id)
+            raise NotFound(f"no job {job_id!r}")
         if job.state in ENDED:
-            raise ValueError(f"job {job_id} has already ended ({job.state})")
+            raise FailedPrecondition(f"job {job_id} has already ended ({job.state})")
         self.cancelled.add(job_id)
         if self.running == job_id and self.process is not None:
             self.process.kill()
@@ -236,11 +262,14 @@ class Trainer:
         timings: dict[str, float] = json.loads(job.timings_json or "{}")
         try:
             if job.state == "registered":  # stopped before the hand-over: only that is left
-                await self.hand_over_or_note(job)
+                await self.policy.hand_over_or_note(job)
                 return
             if not job.started_ms:
                 job.started_ms = now_ms()
-            dataset = await self.dataset(job, job_dir, timings)
+            if knowing(job):
+                dataset = await self.knowledge_dataset(job, job_dir, timings)
+            else:
+                dataset = await self.dataset(job, job_dir, timings)
             summary = await self.train(job, job_dir, dataset, timings)
             await self.evaluate_and_register(job, job_dir, dataset, summary, timings)
         except JobCancelled:
@@ -262,12 +291,74 @@ class Trainer:
         if job.id in self.cancelled:
             raise JobCancelled()
 
+    async def ancestors(self, adapter: str) -> list[str]:
+        """Dataset hashes up an adapter's lineage (its own first), down to the base model."""
+        out: list[str] = []
+        seen: set[str] = set()
+        while adapter and adapter != BASE and adapter not in seen:
+            seen.add(adapter)
+            info = await self.registry.get(adapter)
+            if info is None:
+                break
+            digest = str(info.lineage.get("dataset_hash") or "")
+            if digest:
+                out.append(digest)
+            adapter = info.parent
+        return out
+
+    async def knowledge_dataset(
+        self, job: trainer_pb2.Job, job_dir: Path, timings: dict[str, float]
+    ) -> Dataset:
+        """The documents since the parent, their probes and training text (knowledge_job)."""
+        path = job_dir / "dataset.json"
+        if path.exists() and (job_dir / knowledge_job.PROBES_FILE).exists():
+            return Dataset.from_json(json.loads(path.read_text(encoding="utf-8")))
+        job.state = "assembling"
+        await self.event(job, "assembling")
+        t = time.perf_counter()
+        created = 0
+        if job.parent != BASE:
+            info = await self.registry.get(job.parent)
+            created = info.created_at_ms if info is not None else 0
+        assert self.logprobs is not None
+        data = await knowledge_job.assemble(
+            self.settings,
+            job,
+            job_dir,
+            created,
+            await self.ancestors(job.parent),
+            self.logprobs,
+        )
+        self._check_cancelled(job)
+        if not data.dataset.train:
+            raise ValueError("the assembled dataset has no training examples")
+        timings["assemble_s"] = round(time.perf_counter() - t, 2)
+        await self._keep_dataset(job, job_dir, data.dataset, timings)
+        return data.dataset
+
+    async def _keep_dataset(
+        self, job: trainer_pb2.Job, job_dir: Path, dataset: Dataset, timings: dict[str, float]
+    ) -> None:
+        text = json.dumps(dataset.to_json())
+        self.datasets_dir.mkdir(parents=True, exist_ok=True)
+        (self.datasets_dir / f"{dataset.content_hash}.json").write_text(text, encoding="utf-8")
+        path = job_dir / "dataset.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        job.dataset_hash = dataset.content_hash
+        job.train_examples, job.eval_examples = len(dataset.train), len(dataset.eval)
+        provenance = {k: v for k, v in dataset.provenance.items() if k != "replay_ids"}
+        job.dataset_json = json.dumps(provenance, sort_keys=True)
+        job.timings_json = json.dumps(timings)
+        await self.save(job)
+
     async def dataset(
         self, job: trainer_pb2.Job, job_dir: Path, timings: dict[str, float]
     ) -> Dataset:
         path = job_dir / "dataset.json"
         if path.exists():  # a resumed job trains on exactly the data it started with
-            return Dataset.from_json(json.loads(path.read_text()))
+            return Dataset.from_json(json.loads(path.read_text(encoding="utf-8")))
         job.state = "assembling"
         await self.event(job, "assembling")
         t = time.perf_counter()
@@ -283,7 +374,9 @@ class Trainer:
             digest = (info.lineage.get("dataset_hash") if info else "") or ""
             parent_file = self.datasets_dir / f"{digest}.json"
             if digest and parent_file.exists():
-                parent_dataset = Dataset.from_json(json.loads(parent_file.read_text()))
+                parent_dataset = Dataset.from_json(
+                    json.loads(parent_file.read_text(encoding="utf-8"))
+                )
         sources = Sources(
             labelled_path=request.labelled_data or s.trainer_labelled_data,
             limit=request.limit,
@@ -308,24 +401,13 @@ class Trainer:
         self._check_cancelled(job)
         if not dataset.train:
             raise ValueError("the assembled dataset has no training examples")
-        text = json.dumps(dataset.to_json())
-        self.datasets_dir.mkdir(parents=True, exist_ok=True)
-        (self.datasets_dir / f"{dataset.content_hash}.json").write_text(text)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
         timings["assemble_s"] = round(time.perf_counter() - t, 2)
-        job.dataset_hash = dataset.content_hash
-        job.train_examples, job.eval_examples = len(dataset.train), len(dataset.eval)
-        provenance = {k: v for k, v in dataset.provenance.items() if k != "replay_ids"}
-        job.dataset_json = json.dumps(provenance, sort_keys=True)
-        job.timings_json = json.dumps(timings)
-        await self.save(job)
+        await self._keep_dataset(job, job_dir, dataset, timings)
         return dataset
 
-    def train_config(self, job: trainer_pb2.Job, parent_dir: str) -> TrainConfig:
+    def train_config(self, job: trainer_pb2.Job, parent_dir: str, job_dir: Path) -> TrainConfig:
         s, r = self.settings, job.request
-        return TrainConfig(
+        config = TrainConfig(
             model_dir=str(resolve_llm_dir(s.llm_model, s.cache_dir)),
             backend=s.trainer_backend,
             parent_adapter=parent_dir,
@@ -342,6 +424,23 @@ class Trainer:
             threads=s.trainer_threads,
             general_tokens=s.trainer_general_tokens,
         )
+        if not knowing(job):
+            return config
+        return replace(
+            config,
+            lora_dropout=0.0,
+            target_modules=list(s.trainer_knowledge_targets),
+            epochs=r.epochs or s.trainer_knowledge_passes,
+            # One document form per step: a batch of 50 documents is a few hundred steps a
+            # pass (four to a micro-batch it was too few to learn from), and on a CPU
+            # unpadded single rows cost no more per token.
+            micro_batch=r.micro_batch or 1,
+            grad_accum=r.grad_accum or 1,
+            learning_rate=s.trainer_knowledge_learning_rate,
+            dev_probes=str(job_dir / knowledge_job.DEV_FILE),
+            stop_accuracy=s.trainer_stop_accuracy,
+            patience=s.trainer_patience,
+        )
 
     async def train(
         self, job: trainer_pb2.Job, job_dir: Path, dataset: Dataset, timings: dict[str, float]
@@ -349,59 +448,55 @@ class Trainer:
         self._check_cancelled(job)
         done_file = job_dir / "train-summary.json"
         if done_file.exists():
-            return dict(json.loads(done_file.read_text()))
+            return dict(json.loads(done_file.read_text(encoding="utf-8")))
         parent_dir = "" if job.parent == BASE else str(self.settings.adapter_dir / job.parent)
-        config = self.train_config(job, parent_dir)
+        config = self.train_config(job, parent_dir, job_dir)
         if not (job_dir / "config.json").exists():
             config.save(job_dir / "config.json")
-            job.config_json = json.dumps(json.loads((job_dir / "config.json").read_text()))
+            job.config_json = json.dumps(
+                json.loads((job_dir / "config.json").read_text(encoding="utf-8"))
+            )
         job.state = "training"
         await self.event(job, "training")
         t = time.perf_counter()
-        stderr = await asyncio.to_thread(open, job_dir / "train.log", "ab")
+
+        def started(process: asyncio.subprocess.Process) -> None:
+            self.process = process
+
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "services.trainer.train",
-                str(job_dir),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=stderr,
-                env={**child_env(self.settings.cache_dir), DIE_WITH_PARENT: str(os.getpid())},
+            summary = await run_training(
+                job_dir,
+                self.settings.cache_dir,
+                self.settings.trainer_progress_timeout_s,
+                started,
+                lambda line: self._on_training_line(job, line),
             )
-            summary: dict[str, Any] = {}
-            assert self.process.stdout is not None
-            async for raw in self.process.stdout:
-                try:
-                    line = json.loads(raw)
-                except ValueError:
-                    continue  # a library printing to stdout
-                if not isinstance(line, dict):
-                    continue
-                kind = line.get("event")
-                if kind in ("progress", "resumed"):
-                    job.step, job.steps = int(line["step"]), int(line["steps"])
-                if kind == "progress":
-                    job.loss = float(line["loss"])
-                    job.tokens_per_s = float(line["tokens_per_s"])
-                    job.eta_s = float(line["eta_s"])
-                    await self.event(job, "progress")
-                elif kind == "resumed":
-                    job.resumes += 1
-                    await self.event(job, "resumed", [f"from step {job.step}"])
-                elif kind == "done":
-                    summary = line
-            code = await self.process.wait()
-        finally:
-            stderr.close()
+        except TrainingFailed:
+            self._check_cancelled(job)  # killed on purpose: cancelled, not failed
+            raise
         self._check_cancelled(job)
-        if code != 0 or not summary:
-            tail = (job_dir / "train.log").read_text(errors="replace")[-1500:]
-            raise RuntimeError(f"training process exited with {code}: {tail}")
         timings["train_s"] = round(time.perf_counter() - t, 2) + timings.get("train_s", 0.0)
         job.timings_json = json.dumps(timings)
-        done_file.write_text(json.dumps(summary))
+        done_file.write_text(json.dumps(summary), encoding="utf-8")
         return summary
+
+    async def _on_training_line(self, job: trainer_pb2.Job, line: dict[str, Any]) -> None:
+        kind = line.get("event")
+        if kind in ("progress", "resumed"):
+            job.step, job.steps = int(line["step"]), int(line["steps"])
+        if kind == "progress":
+            job.loss = float(line["loss"])
+            job.tokens_per_s = float(line["tokens_per_s"])
+            job.eta_s = float(line["eta_s"])
+            TRAINING_LOSS.labels(_mode(job)).set(job.loss)
+            TRAINING_TOKENS_PER_S.labels(_mode(job)).set(job.tokens_per_s)
+            await self.event(job, "progress")
+        elif kind == "resumed":
+            job.resumes += 1
+            await self.event(job, "resumed", [f"from step {job.step}"])
+        elif kind == "dev":
+            message = f"pass {line['pass']}: dev-probe accuracy {line['accuracy']:.3f}"
+            await self.event(job, "dev", [message])
 
     async def evaluate_and_register(
         self,
@@ -412,7 +507,7 @@ class Trainer:
         timings: dict[str, float],
     ) -> None:
         self._check_cancelled(job)
-        s, r = self.settings, job.request
+        s = self.settings
         job.state = "evaluating"
         await self.event(job, "evaluating")
         t = time.perf_counter()
@@ -422,6 +517,31 @@ class Trainer:
         )
         already = await self.registry.get(adapter_id) is not None
         job.adapter_id = adapter_id
+        if knowing(job):
+            assert self.logprobs is not None
+            passed, reasons, result = await knowledge_job.gate(
+                s, job, job_dir, adapter_id, summary, self.logprobs
+            )
+            job.gate.CopyFrom(result)
+        else:
+            passed, reasons = await self._labelled_gate(job, dataset, adapter_id, summary)
+        timings["gate_s"] = round(time.perf_counter() - t, 2)
+        GATE_RESULTS.labels(_mode(job), "passed" if passed else "rejected").inc()
+        job.timings_json = json.dumps(timings)
+        job.finished_ms = now_ms()
+        if not passed:
+            if not already:  # keep it with the job for inspection, not in the store
+                await asyncio.to_thread(shutil.rmtree, stored, True)
+            job.state = "rejected"
+            job.adapter_path = str(job_dir / "adapter")
+            await self.event(job, "rejected", reasons)
+            return
+        await self.register(job, job_dir, dataset, summary, timings, reasons)
+
+    async def _labelled_gate(
+        self, job: trainer_pb2.Job, dataset: Dataset, adapter_id: str, summary: dict[str, Any]
+    ) -> tuple[bool, list[str]]:
+        s, r = self.settings, job.request
         live = (await self.registry.rollout()).live
         measured = await gate.measure(
             dataset.eval,
@@ -446,7 +566,6 @@ class Trainer:
             ),
         )
         passed, reasons = gate.decide(measured, thresholds)
-        timings["gate_s"] = round(time.perf_counter() - t, 2)
         job.gate.CopyFrom(
             trainer_pb2.GateResult(
                 passed=passed,
@@ -462,15 +581,17 @@ class Trainer:
                 macro_f1=measured.macro_f1,
             )
         )
-        job.timings_json = json.dumps(timings)
-        job.finished_ms = now_ms()
-        if not passed:
-            if not already:  # keep it with the job for inspection, not in the store
-                await asyncio.to_thread(shutil.rmtree, stored, True)
-            job.state = "rejected"
-            job.adapter_path = str(job_dir / "adapter")
-            await self.event(job, "rejected", reasons)
-            return
+        return passed, reasons
+
+    async def register(
+        self,
+        job: trainer_pb2.Job,
+        job_dir: Path,
+        dataset: Dataset,
+        summary: dict[str, Any],
+        timings: dict[str, float],
+        reasons: list[str],
+    ) -> None:
         lineage = {
             "job": job.id,
             "trigger": job.trigger,
@@ -482,192 +603,87 @@ class Trainer:
             "timings": timings,
             "training": {
                 k: summary.get(k)
-                for k in ("steps", "examples", "train_tokens", "tokens_per_s", "final_loss", "bf16")
+                for k in (
+                    "steps",
+                    "examples",
+                    "train_tokens",
+                    "tokens_per_s",
+                    "final_loss",
+                    "bf16",
+                    "dev_accuracy",
+                    "best_pass",
+                )
             },
+            "mode": "knowledge" if knowing(job) else "labelled",
         }
+        if job.request.gate.force_reason:
+            lineage["gate_forced"] = {
+                "reason": job.request.gate.force_reason,
+                "overrides": json_format.MessageToDict(
+                    job.request.gate, preserving_proto_field_name=True
+                ),
+            }
         lineage["hyperparameters"].pop("model_dir", None)
         lineage["hyperparameters"].pop("parent_adapter", None)
-        info, _ = await self.registry.register(
+        await self.registry.register(
             job_dir / "adapter",
             source_kind="trainer",
             parent=job.parent,
             description=job.reason or job.trigger,
             lineage=lineage,
+            training_questions=[e.question for e in dataset.train if e.question],
         )
-        questions = [e.question for e in dataset.train if e.question]
-        if questions:
-            key = adapter_questions_key(s.redis_prefix, info.id)
-            async with self.registry.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(key)
-                pipe.rpush(key, *questions)
-                await pipe.execute()
         job.state = "registered"
         await self.event(job, "registered", reasons)
-        await self.hand_over_or_note(job)
+        await self.policy.hand_over_or_note(job)
 
-    async def hand_over_or_note(self, job: trainer_pb2.Job) -> None:
-        try:
-            await self.hand_over(job)
-        except grpc.aio.AioRpcError as exc:
-            # The adapter stays registered (the job did not fail): people can still shadow or
-            # promote it by hand.
-            job.rollout = "manual"
-            why = f"could not hand it to the rollout: {exc.code().name}: {exc.details()}"
-            await self.event(job, "rollout_failed", [why])
 
-    # -- rollout policy ---------------------------------------------------------------------
-    async def policy_mode(self) -> str:
-        return (await self.store.policy()).get("mode") or self.settings.trainer_policy
+def _mode(job: Any) -> str:
+    return "knowledge" if knowing(job) else "labelled"
 
-    async def hand_over(self, job: trainer_pb2.Job) -> None:
-        """A registered adapter goes to shadow when the policy is auto (or straight to live when
-        the job asked for it)."""
-        if job.request.promote:
-            reason = "promoted right after the gate, on request (no shadow phase)"
-            await self.admin.Promote(
-                infer_pb2.PromoteRequest(adapter=job.adapter_id, reason=f"trainer: {reason}"),
-                timeout=self.settings.rpc_timeout_s * 12,
-            )
-            job.rollout = "promoted"
-            await self.event(job, "promoted", [reason, *job.gate.reasons])
-            return
-        if job.request.no_rollout or await self.policy_mode() != "auto":
-            job.rollout = "manual"
-            await self.save(job)
-            return
-        reason = f"policy: shadow after the gate passed (job {job.id})"
-        await self.admin.SetRollout(
-            infer_pb2.SetRolloutRequest(
-                adapter=job.adapter_id,
-                mode="shadow",
-                share=self.settings.trainer_shadow_share,
-                reason=reason,
+
+def check_gate_overrides(g: trainer_pb2.GateOverrides, s: TrainerSettings) -> None:
+    """ValueError for an override out of range, or looser than the service's gate without a
+    recorded reason (a gate that passes anything is a way to make any adapter live)."""
+    ranges = {
+        "min_gain": (-1.0, 1.0),
+        "max_forgetting_pct": (0.0, 100.0),
+        "min_lower_bound": (0.0, 1.0),
+        "min_retention": (0.0, 1.0),
+    }
+    for name, (low, high) in ranges.items():
+        if g.HasField(name) and not low <= getattr(g, name) <= high:  # type: ignore[arg-type]
+            raise InvalidArgument(f"gate.{name} must be in [{low}, {high}]")
+    if g.HasField("min_eval_items") and g.min_eval_items < 1:
+        raise InvalidArgument("gate.min_eval_items must be at least 1")
+    if g.HasField("min_eval_items"):
+        s.check_at_most("gate.min_eval_items", g.min_eval_items, "limit_gate_eval_items")
+    s.check_text("gate.force_reason", g.force_reason, "limit_reason_chars")
+    looser = [
+        name
+        for name, is_looser in (
+            ("min_gain", g.HasField("min_gain") and g.min_gain < 0),
+            (
+                "max_forgetting_pct",
+                g.HasField("max_forgetting_pct")
+                and g.max_forgetting_pct > s.trainer_gate_max_forgetting_pct,
             ),
-            timeout=self.settings.rpc_timeout_s * 12,  # a first load into Triton takes seconds
-        )
-        async with self.policy_lock:
-            await self.store.set_policy(watching=job.adapter_id, job=job.id)
-        job.rollout = "shadow"
-        await self.event(job, "shadow", [reason])
-
-    async def on_shadow_pair(self, value: bytes | None) -> None:
-        event = parse_event(value, events_pb2.ShadowPairEvent)
-        if not event.request_id or not event.shadow_adapter:
-            raise BadEvent("ShadowPairEvent without request_id or shadow_adapter")
-        async with self.policy_lock:
-            policy = await self.store.policy()
-            watching = policy.get("watching", "")
-            if event.shadow_adapter != watching:
-                return
-            await self.store.count_pair(
-                watching, event.request_id, event.agreement, bool(event.shadow_error)
-            )
-            if not event.shadow_error and event.agreement < 1.0:
-                # Kept before looking for feedback: whichever of the two comes second finds
-                # the other (a vote counts once per request).
-                await self.store.keep_pair(
-                    watching, event.request_id, event.live_answer, event.shadow_answer
-                )
-                feedback = await self.store.feedback(event.request_id)
-                if feedback is not None:
-                    await self.vote(
-                        watching,
-                        event.request_id,
-                        event.live_answer,
-                        event.shadow_answer,
-                        *feedback,
-                    )
-            await self.maybe_decide(watching, policy.get("job", ""))
-
-    async def vote(
-        self,
-        adapter: str,
-        request_id: str,
-        live_answer: str,
-        shadow_answer: str,
-        rating: int,
-        correction: str,
-    ) -> None:
-        side = rollout.judge_feedback(live_answer, shadow_answer, rating, correction)
-        if side is not None:
-            await self.store.count_vote(adapter, request_id, side)
-
-    async def maybe_decide(self, adapter: str, job_id: str) -> None:
-        tally = await self.store.tally(adapter)
-        job = await self.store.job(job_id)
-        if job is None:
-            return
-        s = self.settings
-        rollout_state = await self.registry.rollout()
-        if rollout_state.candidate != adapter:
-            # Someone changed the rollout by hand: the policy stops watching.
-            await self.store.set_policy(watching="", job="")
-            return
-        decision = rollout.decide(
-            tally,
-            rollout.RolloutThresholds(
-                s.trainer_shadow_samples,
-                s.trainer_min_agreement,
-                s.trainer_max_shadow_errors,
-                s.trainer_min_feedback_votes,
+            (
+                "min_retention",
+                g.HasField("min_retention") and g.min_retention < s.trainer_gate_min_retention,
             ),
-            job.gate.live_adapter,
-            rollout_state.live,
-            job.gate.accuracy - job.gate.live_accuracy,
         )
-        if decision is None:
-            return
-        action, reasons = decision
-        reason = "; ".join(reasons)
-        try:
-            if action == "promote":
-                await self.admin.Promote(
-                    infer_pb2.PromoteRequest(adapter=adapter, reason=f"policy: {reason}"),
-                    timeout=s.rpc_timeout_s * 12,
-                )
-                job.rollout = "promoted"
-            else:
-                await self.admin.SetRollout(
-                    infer_pb2.SetRolloutRequest(mode="off", reason=f"policy: {reason}"),
-                    timeout=s.rpc_timeout_s,
-                )
-                job.rollout = "retired"
-        except grpc.aio.AioRpcError as exc:
-            # Still watching: the next shadow pair tries the decision again.
-            log.warning("policy could not %s %s: %s", action, adapter, exc.details())
-            return
-        await self.store.set_policy(watching="", job="")
-        await self.event(
-            job,
-            job.rollout,
-            reasons,
-            shadow_pairs=tally.pairs,
-            shadow_agreement=tally.agreement,
-            shadow_errors=tally.errors,
+        if is_looser
+    ]
+    if looser and not g.force_reason.strip():
+        raise InvalidArgument(
+            f"gate.{', gate.'.join(looser)} looser than the service's gate: give "
+            "gate.force_reason (it is recorded with the job and the adapter)"
         )
 
-    async def on_feedback(self, value: bytes | None, where: str) -> None:
-        """A correction is training data; any rated or corrected answer may also be a vote on
-        the candidate in shadow (see services/trainer/rollout.py)."""
-        event = parse_feedback(value)
-        correction = correction_of(event, where)
-        if correction is not None:
-            await self.store.add_correction(correction)
-        if not event.rating and not event.correction.strip():
-            return
-        async with self.policy_lock:
-            policy = await self.store.policy()
-            watching = policy.get("watching", "")
-            if not watching:  # no candidate in shadow: nothing to vote on
-                return
-            # Kept for a shadow pair still to come (the shadow call may finish after the
-            # user answered); whichever of the two comes second finds the other.
-            await self.store.keep_feedback(event.request_id, event.rating, event.correction)
-            pair = await self.store.differing_pair(watching, event.request_id)
-            if pair is None:
-                return
-            await self.vote(watching, event.request_id, *pair, event.rating, event.correction)
-            await self.maybe_decide(watching, policy.get("job", ""))
+
+def knowing(job: trainer_pb2.Job) -> bool:
+    return job.request.mode == trainer_pb2.TRAIN_MODE_KNOWLEDGE
 
 
 def triton_score(llm: Any, timeout_s: float) -> Score:

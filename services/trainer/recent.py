@@ -27,6 +27,9 @@ class RecentChunk:
     text: str
     timestamp_ms: int
     offset: str  # "<topic>:<partition>:<offset>"
+    chunk_index: int = 0
+    # The document's tags (for PubMedQA its MeSH terms): the domain terms knowledge probes ask.
+    tags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -34,6 +37,8 @@ class RecentRead:
     chunks: list[RecentChunk] = field(default_factory=list)
     # Records that are not valid chunk-topic events (counted, skipped).
     unreadable: int = 0
+    # Chunks of documents with access groups: left out (counted).
+    restricted: int = 0
     # Documents deleted (and not re-ingested) since: their chunks are left out.
     deleted: set[str] = field(default_factory=set)
 
@@ -98,6 +103,11 @@ def read_recent_chunks(
                     chunk = event.chunk
                     if kind != "chunk" or not chunk.text.strip():
                         continue  # nothing to train on
+                    if chunk.metadata.access_groups:
+                        # An adapter answers anyone closed-book: documents only some callers
+                        # may read must never become its training text.
+                        out.restricted += 1
+                        continue
                     out.deleted.discard(chunk.doc_id)
                     versions[chunk.doc_id] = chunk.content_hash
                     by_id[chunk.chunk_id] = RecentChunk(
@@ -108,6 +118,8 @@ def read_recent_chunks(
                         chunk.text,
                         record.timestamp,
                         f"{tp.topic}:{tp.partition}:{record.offset}",
+                        chunk.chunk_index,
+                        tuple(chunk.metadata.tags),
                     )
             if not polled and all(consumer.position(tp) >= ends[tp] for tp in todo):
                 break

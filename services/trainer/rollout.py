@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from services.infer.routing import agreement
+from services.llm.agreement import agreement
 from services.trainer.store import ShadowTally
 
 Vote = Literal["shadow", "live"]

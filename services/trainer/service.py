@@ -1,31 +1,32 @@
-"""Trainer service: the gRPC TrainerService, a faust app consuming retrain requests
-(ks.retrain), feedback corrections (ks.feedback) and shadow pairs (ks.inference.shadow), and
-the worker that runs one training job at a time in a child process."""
+"""Trainer service: the gRPC TrainerService, stream agents (services/common/streams.py)
+consuming retrain requests (ks.retrain), feedback corrections (ks.feedback) and shadow pairs
+(ks.inference.shadow), and the worker that runs one training job at a time in a child process."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
-import faust
 import grpc
 
 from knowstream.infer.v1 import infer_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from services.common.adapters import AdapterRegistry, UnknownAdapter
+from services.common.adapters import AdapterRegistry
 from services.common.clients import channel, is_serving
-from services.common.grpcserver import service_app
+from services.common.grpcserver import message_options, service_app
 from services.common.kafka import BadEvent, make_producer
 from services.common.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED
 from services.common.net import kafka_alive
 from services.common.redisutil import connect, ping
 from services.common.streams import StreamHealth, attach, dead_letter, make_faust_app
-from services.infer.prompts import Passage
-from services.infer.settings import InferSettings
-from services.infer.triton import TritonLLM
+from services.llm.prompts import Passage
+from services.llm.settings import PromptSettings
+from services.llm.triton import TritonLLM
 from services.trainer.jobs import Trainer, triton_score
+from services.trainer.knowledge_job import remembered, triton_logprobs
 from services.trainer.settings import TrainerSettings
 from services.trainer.sources import Recipe
 from services.trainer.store import TrainerStore, unfinished
@@ -33,7 +34,7 @@ from services.trainer.store import TrainerStore, unfinished
 log = logging.getLogger(__name__)
 
 
-def build_stream(settings: TrainerSettings, trainer: Trainer, health: StreamHealth) -> faust.App:
+def build_stream(settings: TrainerSettings, trainer: Trainer, health: StreamHealth) -> Any:
     app = make_faust_app(settings, settings.trainer_group)
 
     def topic(name: str) -> Any:
@@ -62,10 +63,10 @@ def build_stream(settings: TrainerSettings, trainer: Trainer, health: StreamHeal
 
     async def feedback(message: Any) -> None:
         where = f"{message.topic}:{message.partition}:{message.offset}"
-        await trainer.on_feedback(message.value, where)
+        await trainer.policy.on_feedback(message.value, where)
 
     async def shadow(message: Any) -> None:
-        await trainer.on_shadow_pair(message.value)
+        await trainer.policy.on_shadow_pair(message.value)
 
     for name, accept in (
         (settings.topic_retrain, retrain),
@@ -94,13 +95,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.settings = settings
         self.trainer = trainer
 
-    async def Train(self, request, context):  # type: ignore[no-untyped-def]
-        try:
-            job, _ = await self.trainer.submit(request)
-        except UnknownAdapter as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    async def Train(
+        self, request: trainer_pb2.TrainRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.Job:
+        job, _ = await self.trainer.submit(request)  # InvalidArgument, NotFound: answered
         return job
 
     async def _job(self, job_id: str, context: Any) -> trainer_pb2.Job:
@@ -110,10 +108,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         assert job is not None
         return job
 
-    async def GetJob(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetJob(
+        self, request: trainer_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.Job:
         return await self._job(request.id, context)
 
-    async def WatchJob(self, request, context):  # type: ignore[no-untyped-def]
+    async def WatchJob(
+        self, request: trainer_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[trainer_pb2.Job]:
         job = await self._job(request.id, context)
         yield job
         last = job.SerializeToString()
@@ -129,21 +131,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 last = raw
                 yield job
 
-    async def ListJobs(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListJobs(
+        self, request: trainer_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.ListJobsResponse:
         return trainer_pb2.ListJobsResponse(
             jobs=await self.trainer.store.jobs(min(request.limit or 20, 500))
         )
 
-    async def CancelJob(self, request, context):  # type: ignore[no-untyped-def]
-        try:
-            await self.trainer.cancel(request.id)
-        except KeyError:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.id!r}")
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    async def CancelJob(
+        self, request: trainer_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.Job:
+        await self.trainer.cancel(request.id)  # NotFound, FailedPrecondition: answered
         return await self._job(request.id, context)
 
-    async def GetPolicy(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetPolicy(
+        self, request: trainer_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.Policy:
         policy = await self.trainer.store.policy()
         watching = policy.get("watching", "")
         if watching and (await self.trainer.registry.rollout()).candidate != watching:
@@ -152,10 +155,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             policy["watching"] = watching = ""
         tally = await self.trainer.store.tally(watching) if watching else None
         return policy_proto(
-            await self.trainer.policy_mode(), self.settings.trainer_shadow_samples, policy, tally
+            await self.trainer.policy.mode(), self.settings.trainer_shadow_samples, policy, tally
         )
 
-    async def SetPolicy(self, request, context):  # type: ignore[no-untyped-def]
+    async def SetPolicy(
+        self, request: trainer_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.Policy:
         if request.mode not in ("auto", "manual"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "mode must be auto or manual")
         await self.trainer.store.set_policy(mode=request.mode)
@@ -164,7 +169,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 async def main() -> None:
     settings = TrainerSettings()
-    infer_settings = InferSettings()
+    infer_settings = PromptSettings()
     app = service_app("trainer", settings, settings.trainer_port, settings.trainer_metrics_port)
     redis = connect(settings.redis_url)
     producer = make_producer(settings, "trainer")
@@ -173,7 +178,7 @@ async def main() -> None:
     retrieve_channel = channel(settings.endpoint("retrieve"))
     infer_channel = channel(settings.endpoint("infer"))
     retrieve = retrieve_pb2_grpc.RetrieveServiceStub(retrieve_channel)
-    llm = TritonLLM(settings.endpoint("triton"), settings.triton_model)
+    llm = TritonLLM(settings.endpoint("triton"), settings.triton_model, message_options(settings))
 
     async def search(question: str, k: int) -> list[Passage]:
         reply = await retrieve.Search(
@@ -208,6 +213,7 @@ async def main() -> None:
             seed=settings.trainer_seed,
             concurrency=settings.trainer_retrieve_concurrency,
         ),
+        remembered(triton_logprobs(llm, timeout_s=120), store),
     )
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
         TrainerServicer(settings, trainer), app.server

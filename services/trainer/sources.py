@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.infer.prompts import Passage
+from services.llm.prompts import Passage
 from services.trainer.data import (
     Dataset,
     Example,

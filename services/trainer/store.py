@@ -9,6 +9,8 @@ corrections waiting to be trained on, the rollout policy and its shadow tallies.
 - ``<p>:trainer:policy``: hash {mode, watching, job}
 - ``<p>:trainer:gate:<eval set>:<adapter>``: accuracy of the base model or a registered adapter
   on an eval set (recalled by later gates on the same split)
+- ``<p>:trainer:probe:<adapter>``: hash {probe key: JSON log-probabilities of its candidates}
+  (adapters are content-addressed and never change, so a probe is scored once per adapter)
 - ``<p>:trainer:shadow:<adapter>``: hash {pairs, agreement_sum, errors};
   ``<p>:trainer:shadow:<adapter>:seen``: request ids counted (a redelivered pair counts once)
 """
@@ -162,6 +164,20 @@ class TrainerStore:
         await self.redis.set(self._k("gate", eval_key, adapter), json.dumps(result), ex=30 * 86400)
 
     # -- rollout policy ---------------------------------------------------------------------
+    async def recall_scores(self, adapter: str, keys: list[str]) -> list[list[float] | None]:
+        if not keys:
+            return []
+        raw = await self.redis.hmget(self._k("probe", adapter), keys)
+        return [json.loads(r) if r is not None else None for r in raw]
+
+    async def remember_scores(self, adapter: str, scores: dict[str, list[float]]) -> None:
+        if scores:
+            key = self._k("probe", adapter)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(key, mapping={k: json.dumps(v) for k, v in scores.items()})
+                pipe.expire(key, 30 * 86400)
+                await pipe.execute()
+
     async def policy(self) -> dict[str, str]:
         raw: dict[Any, Any] = await self.redis.hgetall(self._k("policy"))  # type: ignore[misc]
         return {text(k): text(v) for k, v in raw.items()}

@@ -64,13 +64,20 @@ class TrainConfig:
     threads: int = 0
     # Tokens of general English to measure forgetting on after training (0 = skip).
     general_tokens: int = 0
+    # Early stopping on knowledge probes (a JSON list of services.common.probes.Probe that the
+    # gate never uses): after each pass over the data the probes are scored; training stops
+    # once their accuracy reaches stop_accuracy or has not improved for `patience` passes, and
+    # the adapter of the best pass is kept. Empty = train every pass.
+    dev_probes: str = ""
+    stop_accuracy: float = 0.95
+    patience: int = 1
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        return cls(**json.loads(path.read_text()))
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        path.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
 
 
 def child_env(cache_dir: Path) -> dict[str, str]:
@@ -181,7 +188,7 @@ def run(job_dir: Path, emit: Emit = _stdout_emit) -> dict[str, Any]:
     config = TrainConfig.load(job_dir / "config.json")
     if config.threads:
         torch.set_num_threads(config.threads)
-    dataset = Dataset.from_json(json.loads((job_dir / "dataset.json").read_text()))
+    dataset = Dataset.from_json(json.loads((job_dir / "dataset.json").read_text(encoding="utf-8")))
     model, tokenizer = build_model(config)
     encoded = [tokenize(e, tokenizer, config.max_tokens) for e in dataset.train]
     if not encoded:
@@ -203,6 +210,8 @@ def run(job_dir: Path, emit: Emit = _stdout_emit) -> dict[str, Any]:
     started = time.perf_counter()
     tokens = 0
     losses: list[float] = []
+    stopper = _EarlyStop.load(config, model, tokenizer, emit)
+    per_pass = micro_batch_count(len(encoded), config.micro_batch, 1.0)
     model.train()
     for i, (input_ids, mask, labels, real) in enumerate(
         batches(encoded, config.micro_batch, tokenizer.pad_token_id, config.seed, config.epochs)
@@ -237,6 +246,15 @@ def run(job_dir: Path, emit: Emit = _stdout_emit) -> dict[str, Any]:
             )
             if step % config.checkpoint_every == 0 and step < steps:
                 trainer.save(i + 1)
+        last = i + 1 == steps * config.grad_accum
+        if (
+            stopper is not None
+            and ((i + 1) % per_pass == 0 or last)
+            and stopper.after_pass(math.ceil((i + 1) / per_pass))
+        ):
+            break
+    if stopper is not None:
+        stopper.keep_best()
     elapsed = time.perf_counter() - started
     adapter_dir = job_dir / "adapter"
     model.save_pretrained(str(adapter_dir))
@@ -261,10 +279,76 @@ def run(job_dir: Path, emit: Emit = _stdout_emit) -> dict[str, Any]:
         "final_loss": round(sum(losses[-5:]) / max(1, len(losses[-5:])), 5) if losses else None,
         "backend": config.backend,
         "bf16": bf16,
+        **(stopper.summary() if stopper is not None else {}),
         **general,
     }
     emit(summary)
     return summary
+
+
+class _EarlyStop:
+    """Scores the dev probes after each pass, remembers the best pass's LoRA weights and says
+    when to stop (see TrainConfig.dev_probes)."""
+
+    def __init__(
+        self, config: TrainConfig, model: Any, tokenizer: Any, probes: list[Any], emit: Emit
+    ):
+        self.config, self.model, self.tokenizer, self.probes, self.emit = (
+            config,
+            model,
+            tokenizer,
+            probes,
+            emit,
+        )
+        self.best = -1.0
+        self.best_pass = 0
+        self.best_state: dict[str, Any] = {}
+        self.curve: list[float] = []
+
+    @classmethod
+    def load(cls, config: TrainConfig, model: Any, tokenizer: Any, emit: Emit) -> _EarlyStop | None:
+        if not config.dev_probes or not Path(config.dev_probes).exists():
+            return None
+        from services.common.probes import Probe
+
+        raw = json.loads(Path(config.dev_probes).read_text(encoding="utf-8"))
+        probes = [Probe.from_json(p) for p in raw]
+        return cls(config, model, tokenizer, probes, emit) if probes else None
+
+    def after_pass(self, number: int) -> bool:
+        from services.trainer.probe_score import accuracy, probe_logprobs
+
+        t = time.perf_counter()
+        acc = accuracy(probe_logprobs(self.model, self.tokenizer, self.probes))
+        self.curve.append(round(acc, 4))
+        self.emit(
+            {
+                "event": "dev",
+                "pass": number,
+                "accuracy": round(acc, 4),
+                "probes": len(self.probes),
+                "seconds": round(time.perf_counter() - t, 2),
+            }
+        )
+        if acc > self.best:
+            self.best, self.best_pass = acc, number
+            self.best_state = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
+        return acc >= self.config.stop_accuracy or number - self.best_pass >= self.config.patience
+
+    def keep_best(self) -> None:
+        if self.best_state and self.curve and self.curve[-1] < self.best:
+            params = dict(self.model.named_parameters())
+            for name, value in self.best_state.items():
+                params[name].data.copy_(value)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "dev_accuracy": self.curve,
+            "best_pass": self.best_pass,
+            "dev_probes": len(self.probes),
+        }
 
 
 def general_text() -> str:
@@ -369,7 +453,7 @@ class _DeepSpeed(_Backend):
             client_state={"micro_batches_done": micro_batches_done},
             exclude_frozen_parameters=True,
         )
-        latest = (self.ckpt / "latest").read_text().strip()
+        latest = (self.ckpt / "latest").read_text(encoding="utf-8").strip()
         for old in self.ckpt.glob("global_step*"):
             if old.name != latest:
                 shutil.rmtree(old, ignore_errors=True)

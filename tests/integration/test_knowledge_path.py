@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import grpc
 import pytest
@@ -13,9 +14,9 @@ from kafka import KafkaProducer
 from knowstream.events.v1 import events_pb2
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
-from services.cli.main import pubmedqa_document
+from services.cli.documents import pubmedqa_document
 from services.common.clients import sync_channel
-from tests.integration.conftest import read_dead_letters, wait_for
+from tests.integration.conftest import delete_documents, read_dead_letters, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,14 +70,16 @@ def test_every_service_has_health_and_reflection(stack):
 
 def test_pubmedqa_is_searchable_and_questions_find_their_abstracts(ingest, retrieve, pubmedqa):
     docs = [pubmedqa_document(k, v) for k, v in pubmedqa.items()]
+    # Earlier modules leave documents of their own in the shared stack's index.
+    before = stats(retrieve)
     reply = ingest.IngestDocumentStream(iter(docs), timeout=120)
     assert reply.accepted == 500 and reply.rejected == 0
-    expected_chunks = sum(r.chunk_count for r in reply.results)
+    expected_chunks = before.chunks + sum(r.chunk_count for r in reply.results)
 
     wait_for(
         lambda: (
             stats(retrieve).chunks == expected_chunks
-            and stats(retrieve).documents == 500
+            and stats(retrieve).documents == before.documents + 500
             and stats(retrieve).bm25_lag_chunks == 0
         ),
         600,
@@ -89,9 +92,12 @@ def test_pubmedqa_is_searchable_and_questions_find_their_abstracts(ingest, retri
             retrieve_pb2.SearchRequest(query=item["QUESTION"], k=5), timeout=10
         ).hits
         found += pmid in {h.doc_id for h in hits}
-        assert all(
-            h.metadata.source == "pubmedqa" and h.chunk_id.startswith(h.doc_id + "#") for h in hits
-        )
+        strays = [
+            (h.doc_id, h.chunk_id, h.metadata.source)
+            for h in hits
+            if h.metadata.source != "pubmedqa" or not h.chunk_id.startswith(h.doc_id + "#")
+        ]
+        assert not strays, f"{item['QUESTION']!r} retrieved {strays}"
     assert found / len(pubmedqa) >= 0.95, f"only {found}/500 questions found their abstract"
 
     # Re-ingesting identical content is a no-op.
@@ -183,6 +189,13 @@ def test_bad_inputs_get_clear_errors_and_the_rest_is_kept(ingest, retrieve, stac
         ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=batch[:1]), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "text is empty" in err.value.details()
+    tagged = ingest_pb2.Document(
+        id="tags", text="t", metadata={"tags": [f"t{i}" for i in range(65)]}
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=[tagged]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "metadata.tags has 65 entries; the limit is 64 (KS_LIMIT_TAGS)" in err.value.details()
 
     # Invalid UTF-8 on the wire (a client in another language can send it): hand-built bytes.
     doc = ingest_pb2.Document(id="bad-utf8", text="PLACEHOLDER").SerializeToString()
@@ -340,3 +353,69 @@ def test_embed_workers_share_the_chunk_stream_and_take_over(stack, ingest, retri
         stack.start_service("embed")
         stack.wait_serving(["embed"], 180)
         stack.stop("embed-2")
+
+
+def test_a_killed_broker_loses_no_acknowledged_document(stack, ingest, retrieve, pubmedqa):
+    """The failure of issue 13: documents acknowledged, the memory-only broker SIGKILLed two
+    seconds later and started again. Every acknowledged document becomes searchable, once;
+    re-ingesting one that is not searchable yet publishes it again (it is not "unchanged");
+    a document ingested after the restart is indexed too; every service serves again."""
+    items = list(pubmedqa.items())[:100]
+    docs = []
+    for pmid, item in items:
+        doc = pubmedqa_document(pmid, item)
+        doc.id = f"reset-{pmid}"
+        docs.append(doc)
+    chunks = {d.id: 0 for d in docs} | {"reset-late": 0}
+    try:
+        _lose_and_recover(stack, ingest, retrieve, docs, chunks)
+    finally:
+        # The copies share their abstracts' text: left indexed (a failed run too), they would
+        # be cited in later tests in place of the originals.
+        delete_documents(stack.settings, chunks)
+
+
+def _lose_and_recover(stack, ingest, retrieve, docs, chunks: dict[str, int]) -> None:
+    reply = ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=docs), timeout=60)
+    assert reply.accepted == len(docs)
+    chunks.update({r.id: r.chunk_count for r in reply.results})
+    time.sleep(2)
+    stack.stop("broker", sig=signal.SIGKILL)
+    stack.start_broker()
+    stack.create_topics()
+
+    def searchable(doc_id: str) -> bool:
+        return len(doc_chunks(retrieve, doc_id)) == chunks[doc_id]
+
+    # The ingest service's producer reconnects on its own; until then a call may fail.
+    again = wait_for(lambda: _ingest_or_none(ingest, docs[:20]), 60, "ingest after the restart")
+    for result in again.results:
+        if result.status == ingest_pb2.INGEST_STATUS_UNCHANGED:
+            assert searchable(result.id), f"{result.id} answered unchanged but not searchable"
+    late = ingest_pb2.Document(id="reset-late", text="A document after the broker restart.")
+    late_reply = wait_for(lambda: _ingest_or_none(ingest, [late]), 60, "a late document")
+    chunks["reset-late"] = late_reply.results[0].chunk_count
+
+    missing: dict[str, str] = {}
+
+    def all_searchable() -> bool:
+        found = {d: len(doc_chunks(retrieve, d)) for d in chunks}
+        missing.clear()
+        missing.update({d: f"{n} of {chunks[d]}" for d, n in found.items() if n != chunks[d]})
+        return not missing
+
+    try:
+        wait_for(all_searchable, 300, "every acknowledged document searchable", interval_s=3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; chunks found of those not searchable: {missing}") from None
+    for doc_id in chunks:
+        ids = [h.chunk_id for h in doc_chunks(retrieve, doc_id)]
+        assert len(ids) == len(set(ids)) == chunks[doc_id], f"{doc_id}: duplicated chunks"
+    stack.wait_serving(stack.services, 120)
+
+
+def _ingest_or_none(ingest, docs):
+    try:
+        return ingest.IngestDocuments(ingest_pb2.IngestDocumentsRequest(documents=docs), timeout=30)
+    except grpc.RpcError:
+        return None

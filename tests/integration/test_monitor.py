@@ -26,8 +26,8 @@ from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
+from services.cli.documents import pubmedqa_document
 from services.cli.main import main as cli_main
-from services.cli.main import pubmedqa_document
 from services.common.clients import sync_channel
 from services.common.kafka import new_header
 from services.trainer.evaluation import mesh_groups
@@ -335,6 +335,15 @@ def test_a_mesh_group_switch_requests_retraining_then_cools_down(
         lambda: [g for g in status(monitor).gaps if g.closed_ms], 60, "the knowledge gap to close"
     )
     assert closed[0].covered_share >= 0.5
+    # ...and asked the trainer to learn the documents that closed it.
+    learn = read_events(
+        traffic.settings,
+        traffic.settings.topic_retrain,
+        events_pb2.RetrainRequested,
+        lambda r: r.idempotency_key == f"{closed[0].idempotency_key}:closed",
+    )
+    assert "closed by newly ingested documents" in learn.reason
+    assert learn.example_questions
     ref_id = restart_with_reference(
         monitor, [corpus[p]["QUESTION"] for p in adult[:100]], "adult-only items"
     )

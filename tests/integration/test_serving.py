@@ -16,8 +16,9 @@ from knowstream.events.v1 import events_pb2
 from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
+from services.cli.documents import pubmedqa_document
 from services.cli.main import main as cli_main
-from services.cli.main import pubmedqa_document
+from services.common.adapter_upload import upload_adapter
 from services.common.adapters import create_random_adapter
 from services.common.clients import sync_channel
 from services.common.models import resolve_llm_dir
@@ -51,9 +52,7 @@ def adapters(stack, admin, tmp_path_factory) -> list[str]:
         path = create_random_adapter(
             model_dir, tmp_path_factory.mktemp(f"adapter-{seed}"), seed=seed, scale=0.05
         )
-        status = admin.RegisterAdapter(
-            infer_pb2.RegisterAdapterRequest(path=str(path), load=True), timeout=120
-        )
+        status = upload_adapter(admin, path, load=True, timeout=120)
         assert status.loaded and len(status.id) == 16
         ids.append(status.id)
     return ids
@@ -175,7 +174,7 @@ def test_eval_pubmedqa_cli_and_the_monitor_ignores_it(stack, infer, pubmedqa, tm
     wait_for(settled, 60, "the monitor to take the earlier answers")
     before = seen()
     subset = tmp_path / "subset.json"
-    subset.write_text(json.dumps(dict(list(pubmedqa.items())[40:46])))
+    subset.write_text(json.dumps(dict(list(pubmedqa.items())[40:46])), encoding="utf-8")
     assert cli_main(["eval", "pubmedqa", "--data", str(subset), "--adapter", "base", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 6 and 0 <= result["accuracy"] <= 1 and result["retrieval"]
@@ -198,7 +197,9 @@ def test_eval_pubmedqa_cli_and_the_monitor_ignores_it(stack, infer, pubmedqa, tm
     time.sleep(2)
     assert seen() == before + 1
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"1": {"QUESTION": "q?", "final_decision": "perhaps"}}))
+    bad.write_text(
+        json.dumps({"1": {"QUESTION": "q?", "final_decision": "perhaps"}}), encoding="utf-8"
+    )
     assert cli_main(["eval", "pubmedqa", "--data", str(bad), "--json"]) == 2
     assert "perhaps" in capsys.readouterr().err
 
@@ -356,6 +357,12 @@ def test_feedback_is_published(stack, infer):
         ({"question": "q", "max_tokens": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "limit"),
         ({"question": "q", "k": 99}, grpc.StatusCode.INVALID_ARGUMENT, "k=99"),
         ({"question": "q", "temperature": 9}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        # A cap (issue 13): the message names the field, the limit and the setting.
+        (
+            {"question": "q", "stop": ["s"] * 9},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "stop has 9 entries; the limit is 8 (KS_LIMIT_STOP_STRINGS)",
+        ),
     ],
 )
 def test_bad_requests_get_clear_errors(infer, request_kw, code, message):

@@ -34,3 +34,20 @@ def tiny_model(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _no_stack_credentials(monkeypatch):
+    """Unit tests start from no credentials: the integration stack (a session fixture that runs
+    first in a full run) exports its tokens file and KS_TOKEN for its own clients."""
+    import os
+
+    from services.common import clients
+
+    for name in list(os.environ):
+        if name in ("KS_AUTH", "KS_AUTH_TOKENS", "KS_AUTH_TOKENS_FILE", "KS_TOKEN") or (
+            name.startswith("KS_TLS_")
+        ):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(clients, "_token_override", None)
+    monkeypatch.setattr(clients, "_service_identity", False)

@@ -13,8 +13,8 @@ import triton_python_backend_utils as pb_utils  # provided by Triton's python ba
 
 from services.common.models import resolve_llm_dir
 from services.infer.engine import LLMEngine, Scheduler
-from services.infer.llm import BASE, EngineError, LLMRequest, LLMResult
 from services.infer.settings import EngineSettings
+from services.llm.llm import BASE, EngineError, LLMRequest, LLMResult
 
 log = logging.getLogger("knowstream.triton.llm")
 
@@ -90,10 +90,15 @@ def _finisher(sender) -> Callable[[LLMResult], None]:  # type: ignore[no-untyped
 
 
 class TritonPythonModel:
-    """Requests go to the engine's continuous-batching scheduler and execute() returns at once;
-    responses are sent from the scheduler thread (decoupled mode). Batching follows the model
-    configuration: with ``dynamic_batching`` up to max_batch_size requests share each forward
-    pass, without it they are served one at a time."""
+    """Requests go to the engine's continuous-batching scheduler; responses are sent from the
+    scheduler thread (decoupled mode). Batching follows the model configuration: with
+    ``dynamic_batching`` up to max_batch_size requests share each forward pass, without it they
+    are served one at a time.
+
+    execute() returns once the scheduler has room for more waiting requests (one batch's
+    worth): under overload the excess therefore waits in Triton's queue, where the queue policy
+    (config.pbtxt: max_queue_size, timeout, REJECT) sheds it at once, and a request cancelled
+    there never reaches the model."""
 
     def initialize(self, args):  # type: ignore[no-untyped-def]
         settings = EngineSettings()
@@ -107,6 +112,18 @@ class TritonPythonModel:
             max_prompt_tokens=settings.llm_max_prompt_tokens,
             max_new_tokens=settings.llm_max_new_tokens,
             threads=settings.llm_threads,
+            runtime=settings.engine_runtime,
+            cache_dir=settings.cache_dir,
+            runtime_options=(
+                {
+                    "quant": settings.engine_quant,
+                    "kv_tokens": settings.engine_kv_tokens,
+                    "decode_threads": settings.engine_decode_threads,
+                    "score_quant": settings.engine_score_quant,
+                }
+                if settings.engine_runtime == "llamacpp"
+                else {}
+            ),
         )
         max_batch = int(config.get("max_batch_size") or 1) if batching else 1
         self.scheduler = Scheduler(self.engine, max_batch)
@@ -143,6 +160,9 @@ class TritonPythonModel:
                 llm_request.on_text = _streamer(sender, llm_request.adapter)
             llm_request.is_cancelled = request.is_cancelled
             self.scheduler.submit(llm_request, _finisher(sender))
+        # Backpressure (see the class docstring); re-checked each second so finalize can stop.
+        while not self.scheduler.wait_for_room(1.0) and self.scheduler.thread.is_alive():
+            pass
         return None
 
     def _submit_control(self, control: str, sender) -> None:  # type: ignore[no-untyped-def]

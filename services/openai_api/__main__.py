@@ -1,0 +1,3 @@
+from services.openai_api.app import main
+
+main()
