@@ -8,6 +8,11 @@ PROTOS := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.installed
 # DeepSpeed's native ops, built where training processes look for them (KS_CACHE_DIR).
 NATIVE_OPS := $(or $(KS_CACHE_DIR),.cache)/torch_extensions/.built
+# llama.cpp (the default engine runtime) is built for this CPU without AMX (deploy/llama_build.py
+# says why), into a wheel directory named by the build's options: pip's own wheel cache is keyed
+# by the sdist alone and may hold a -march=native build.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_WHEELS := $(or $(KS_CACHE_DIR),.cache)/wheels
 
 .PHONY: help setup proto up down clean-data status bootstrap demo test test-unit test-integration lint fmt docs typecheck bench bench-anchors clean
 
@@ -25,7 +30,7 @@ help:
 	@echo "make docs    regenerate README.md's settings reference from the settings classes"
 	@echo "make bench   run the benchmarks against the running stack"
 
-$(STAMP): requirements.txt requirements-nodeps.txt requirements-source.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-source.txt pyproject.toml deploy/llama_build.py
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
@@ -33,6 +38,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-source.txt pypro
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps -r requirements-nodeps.txt
+	args="$$($(PY) deploy/llama_build.py)"; \
+	dir="$(LLAMA_WHEELS)/llama-$$(echo "$(LLAMA_CPP) $$args" | sha256sum | cut -c1-12)"; \
+	ls "$$dir"/*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$$args" $(PIP) wheel --no-deps --no-cache-dir -w "$$dir" "$(LLAMA_CPP)"; \
+	$(PIP) install --no-deps --force-reinstall "$$dir"/*.whl
 	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation --no-deps -r requirements-source.txt
 	$(PIP) install --no-deps -e .
 	# Generated protobuf modules live in $(GEN) (not committed); make them importable.
