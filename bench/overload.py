@@ -3,9 +3,10 @@
 First the capacity: ``--clients`` closed-loop clients (the model's batch size) send Ask back to
 back for ``--seconds``; their throughput is the capacity and their latency the "at capacity"
 figure. Then an open loop offers ``--factor`` times that rate for ``--seconds``: each request
-is either admitted (answered) or shed (RESOURCE_EXHAUSTED when Triton's queue is full,
-UNAVAILABLE when it waited past its timeout). Reports how fast the excess is rejected (target:
-p99 <= 100 ms) and the admitted requests' latency against the at-capacity one. Prints JSON.
+is either admitted (answered) or shed (RESOURCE_EXHAUSTED when the model's admission limit,
+KS_ENGINE_MAX_WAITING, or Triton's queue is full; UNAVAILABLE when it waited past its
+timeout). Reports how fast the excess is rejected (target: p99 <= 100 ms) and the admitted
+requests' latency against the at-capacity one. Prints JSON.
 
     python -m bench.overload --seconds 30        # against a `make up` stack
 """

@@ -389,10 +389,10 @@ class Scheduler:
     ):
         self.engine = engine
         self.max_batch = max(1, max_batch)
-        # Requests waiting here beyond the running batch; past it the model's execute() waits
-        # (wait_for_room), so the excess queues in Triton, whose queue policy sheds it.
+        # Requests waiting here beyond the running batch; past it try_submit refuses and the
+        # model answers "overloaded" at once. This bounds what an admitted request waits
+        # behind: at most max_batch running and max_waiting ahead of it.
         self.max_waiting = max(1, max_waiting or self.max_batch)
-        self._room = threading.Condition()
         self._pruned_at = 0.0
         self.jobs: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         # Generation requests waiting for a slot, with their arrival time.
@@ -410,15 +410,13 @@ class Scheduler:
     def waiting(self) -> int:
         return self.jobs.qsize() + len(self.backlog)
 
-    def wait_for_room(self, timeout_s: float) -> bool:
-        """Blocks until fewer than ``max_waiting`` requests wait here (True) or ``timeout_s``
-        passes (False)."""
-        with self._room:
-            return self._room.wait_for(lambda: self.waiting() < self.max_waiting, timeout_s)
-
-    def _made_room(self) -> None:
-        with self._room:
-            self._room.notify_all()
+    def try_submit(self, request: LLMRequest, on_done: Callable[[LLMResult], None]) -> bool:
+        """Queues ``request`` unless ``max_waiting`` requests wait already (False: the caller
+        sheds it). One caller submits (Triton's execute); the count only falls meanwhile."""
+        if self.waiting() >= self.max_waiting:
+            return False
+        self.submit(request, on_done)
+        return True
 
     def _prune(self, every_s: float = 0.1) -> None:
         """Drops the waiting requests whose callers went away (each check is a call to Triton,
@@ -436,7 +434,6 @@ class Scheduler:
         if len(kept) < len(self.backlog):
             log.info("dropped %d cancelled requests", len(self.backlog) - len(kept))
             self.backlog = kept
-            self._made_room()
 
     def call(self, fn: Callable[[], Any]) -> Future[Any]:
         """Runs ``fn`` on the model's thread between steps (adapter load/unload)."""
@@ -505,12 +502,6 @@ class Scheduler:
         return max(0.001, self.admit_window_s - (time.monotonic() - self.backlog[0][2]))
 
     def _tick(self) -> None:
-        try:
-            self._tick_once()
-        finally:
-            self._made_room()
-
-    def _tick_once(self) -> None:
         self._prune()
         if self.batch.rows:
             scores = self._collect(None)

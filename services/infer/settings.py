@@ -61,6 +61,15 @@ class EngineSettings(CommonSettings):
             "cores 1 decodes 3x faster than 2 (bench.runtimes)."
         ),
     )
+    engine_max_waiting: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Requests the model holds waiting for a batch slot beyond the running batch; one "
+            "more is answered RESOURCE_EXHAUSTED at once. An admitted request waits behind at "
+            "most this many. 0 = the batch size (config.pbtxt max_batch_size)."
+        ),
+    )
     engine_kv_tokens: int = Field(
         16384,
         ge=512,

@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 
 from services.common.adapters import BASE
 
-__all__ = ["BASE", "EngineError", "LLMRequest", "LLMResult", "softmax"]
+__all__ = ["BASE", "OVERLOADED", "EngineError", "LLMRequest", "LLMResult", "softmax"]
 
 ADAPTER_ID = re.compile(r"^[0-9a-f]{16,64}$")
+# How the model's error message starts when it sheds a request (deploy/triton/llm/1/model.py);
+# the Triton client reads it as overload.
+OVERLOADED = "the model's admission limit is reached"
 
 
 class EngineError(ValueError):

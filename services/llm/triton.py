@@ -8,6 +8,7 @@ refusals by the model :class:`TritonRejected`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.llm.llm import LLMRequest, LLMResult
+from services.llm.llm import OVERLOADED, LLMRequest, LLMResult
 
 
 class TritonUnavailable(Unavailable):
@@ -38,9 +39,9 @@ class TritonDeadline(DeadlineExceeded):
 
 
 class TritonOverloaded(ResourceExhausted):
-    """Triton shed the request (the model's queue policy, deploy/triton/llm/config.pbtxt): its
-    queue was full (``code`` RESOURCE_EXHAUSTED) or the request waited in it past the queue
-    timeout (UNAVAILABLE). Retrying later may succeed."""
+    """The request was shed: the model's admission limit was reached or Triton's queue was full
+    (``code`` RESOURCE_EXHAUSTED), or it waited in Triton's queue past its timeout
+    (UNAVAILABLE; deploy/triton/llm/config.pbtxt). Retrying later may succeed."""
 
     def __init__(self, message: str, code: grpc.StatusCode):
         super().__init__(f"the model is overloaded, retry later: {message}", code)
@@ -109,7 +110,7 @@ def _number(result: Any, name: str) -> float:
 def _error(exc: InferenceServerException, url: str) -> Exception:
     status = str(exc.status() or "")
     message = exc.message() or str(exc)
-    if _QUEUE_FULL in message:
+    if _QUEUE_FULL in message or OVERLOADED in message:
         return TritonOverloaded(
             f"Triton's queue for the model is full ({message})", grpc.StatusCode.RESOURCE_EXHAUSTED
         )
@@ -201,7 +202,24 @@ class TritonLLM:
         raise TritonUnavailable("Triton closed the stream without a final response")
 
     async def generate(
-        self, request: LLMRequest, timeout_s: float, priority: int = 0
+        self, request: LLMRequest, timeout_s: float, priority: int = 0, patient: bool = False
+    ) -> Generation:
+        """One whole answer. ``patient``: a shed request is sent again (with backoff, within
+        ``timeout_s``) instead of failing; for background work, such as the trainer's scoring,
+        that would rather wait for room than be refused beside live traffic."""
+        start = time.perf_counter()
+        deadline, delay = start + timeout_s, 0.05
+        while True:
+            try:
+                return await self._generate_once(request, deadline - time.perf_counter(), priority)
+            except TritonOverloaded:
+                if not patient or time.perf_counter() + delay >= deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
+
+    async def _generate_once(
+        self, request: LLMRequest, timeout_s: float, priority: int
     ) -> Generation:
         start = time.perf_counter()
         async for result in self._responses(request_inputs(request, False), timeout_s, priority):

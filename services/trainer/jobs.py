@@ -699,6 +699,7 @@ def triton_score(llm: Any, timeout_s: float) -> Score:
                 candidates=list(LABELS),
             ),
             timeout_s,
+            patient=True,  # shed beside live traffic: wait for room
         )
         logprobs = generation.candidate_logprobs
         return LABELS[max(range(len(LABELS)), key=lambda i: logprobs[i])]

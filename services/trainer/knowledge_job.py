@@ -64,6 +64,7 @@ def triton_logprobs(llm: Any, timeout_s: float) -> ScoreFn:
                 raw_prompt=True,
             ),
             timeout_s,
+            patient=True,  # shed beside live traffic: wait for room
         )
         return list(generation.candidate_logprobs)
 

@@ -380,6 +380,27 @@ def test_rollout_errors(admin):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_burst_beyond_the_models_room_is_shed_and_the_rest_answered(infer):
+    # 40 at once, against one batch running and one waiting (8 + 8, KS_ENGINE_MAX_WAITING):
+    # the excess is refused with RESOURCE_EXHAUSTED, never queued behind the admitted ones.
+    request = infer_pb2.AskRequest(
+        question="Is aspirin an analgesic?", no_retrieval=True, max_tokens=24, ignore_eos=True
+    )
+    calls = [infer.Ask.future(request, timeout=120) for _ in range(40)]
+    answered, shed = 0, []
+    for call in calls:
+        try:
+            assert call.result().completion_tokens == 24
+            answered += 1
+        except grpc.RpcError as err:
+            shed.append((err.code(), err.details()))
+    assert answered >= 8 and shed, (answered, shed[:3])
+    for code, details in shed:
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert "overloaded, retry later" in details and "admission limit" in details
+    assert infer.Ask(quick(), timeout=60).answer in YES_NO_MAYBE  # and it serves again
+
+
 def test_triton_down_gives_unavailable_within_the_deadline(stack, infer):
     stack.stop("triton")
     try:

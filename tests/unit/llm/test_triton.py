@@ -1,11 +1,12 @@
 """Load shedding: requests cancelled while they wait never reach the model, the scheduler
-pushes back once a batch's worth waits, and Triton's queue-policy rejections become
-RESOURCE_EXHAUSTED / UNAVAILABLE with a message."""
+refuses one beyond its waiting room, the model's and Triton's queue-policy rejections become
+RESOURCE_EXHAUSTED / UNAVAILABLE with a message, and a patient caller waits for room."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
 import pytest
@@ -15,8 +16,8 @@ from services.common.errors import ServiceError
 from services.infer.answerer import Answerer
 from services.infer.engine import LLMEngine, Scheduler
 from services.infer.settings import InferSettings
-from services.llm.llm import LLMRequest, LLMResult
-from services.llm.triton import TritonOverloaded, _error
+from services.llm.llm import OVERLOADED, LLMRequest, LLMResult
+from services.llm.triton import Generation, TritonLLM, TritonOverloaded, _error
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,14 @@ def test_a_request_cancelled_while_waiting_is_dropped_before_its_prefill(engine)
     assert done["a"].completion_tokens == 40
 
 
-def test_the_scheduler_pushes_back_once_a_batch_waits(engine):
+def _until(condition, timeout_s: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_the_scheduler_refuses_a_request_beyond_its_waiting_room(engine):
     scheduler = Scheduler(engine, max_batch=1, max_waiting=1)
     gate, finished = threading.Event(), threading.Event()
 
@@ -58,12 +66,15 @@ def test_the_scheduler_pushes_back_once_a_batch_waits(engine):
 
     try:
         first = LLMRequest("one", max_new_tokens=8, ignore_eos=True, is_cancelled=held)
-        scheduler.submit(first, lambda r: None)
-        scheduler.submit(LLMRequest("two", max_new_tokens=2), lambda r: None)
-        scheduler.submit(LLMRequest("three", max_new_tokens=2), lambda r: finished.set())
-        assert not scheduler.wait_for_room(0.05)  # what model.execute() waits on
+        assert scheduler.try_submit(first, lambda r: None)
+        _until(lambda: scheduler.waiting() == 0)  # "one" runs
+        assert scheduler.try_submit(LLMRequest("two", max_new_tokens=2), lambda r: None)
+        # One running (held), one waiting: the room is full, what model.execute() sheds.
+        assert not scheduler.try_submit(LLMRequest("three", max_new_tokens=2), lambda r: None)
         gate.set()
-        assert scheduler.wait_for_room(60) and finished.wait(60)
+        _until(lambda: scheduler.waiting() == 0)
+        assert scheduler.try_submit(LLMRequest("four", max_new_tokens=2), lambda r: finished.set())
+        assert finished.wait(60)
     finally:
         gate.set()
         scheduler.stop()
@@ -74,6 +85,7 @@ def test_the_scheduler_pushes_back_once_a_batch_waits(engine):
     [
         ("[request id: <id_unknown>] Exceeds maximum queue size", "RESOURCE_EXHAUSTED"),
         ("Request timeout expired", "UNAVAILABLE"),
+        (f"{OVERLOADED}: 8 requests wait already", "RESOURCE_EXHAUSTED"),
     ],
 )
 def test_triton_queue_policy_rejections_are_overload(message, code):
@@ -93,3 +105,31 @@ def test_the_infer_service_answers_overload_with_its_code():
         asyncio.run(answerer._generate(LLMRequest("q"), 1.0, None))
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "overloaded, retry later" in caught.value.message
+
+
+def test_a_patient_generate_is_sent_again_until_admitted_and_others_are_shed():
+    sent: list[float] = []
+    shed = {"left": 2}
+
+    async def shed_twice(request, timeout_s, priority):  # type: ignore[no-untyped-def]
+        sent.append(timeout_s)
+        shed["left"] -= 1
+        if shed["left"] >= 0:
+            raise TritonOverloaded(OVERLOADED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        return Generation(text="yes", finish_reason="stop")
+
+    async def main() -> None:
+        llm = TritonLLM("127.0.0.1:1", "llm")
+        llm._generate_once = shed_twice  # type: ignore[method-assign]
+        assert (await llm.generate(LLMRequest("q"), 10.0, patient=True)).text == "yes"
+        assert len(sent) == 3 and sent[0] > sent[2]  # each try: what is left of the timeout
+        sent.clear()
+        shed["left"] = 10**6  # shed from here on
+        with pytest.raises(TritonOverloaded):  # not patient: shed at once
+            await llm.generate(LLMRequest("q"), 10.0)
+        assert len(sent) == 1
+        with pytest.raises(TritonOverloaded):
+            await llm.generate(LLMRequest("q"), 0.3, patient=True)  # gives up at its timeout
+        await llm.close()
+
+    asyncio.run(main())
