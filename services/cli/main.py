@@ -12,9 +12,7 @@ import grpc
 
 from knowstream.events.v1 import events_pb2
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from knowstream.monitor.v1 import monitor_pb2
 from knowstream.retrieve.v1 import retrieve_pb2
-from knowstream.trainer.v1 import trainer_pb2
 from services.cli import stubs
 from services.cli.audit import add_commands as add_audit_commands
 from services.cli.documents import pubmedqa_document
@@ -22,6 +20,7 @@ from services.cli.drift import add_commands as add_drift_commands
 from services.cli.evaluate import add_commands as add_eval_commands
 from services.cli.indexing import grpc_lookup, to_wait_for, wait_searchable
 from services.cli.serving import add_commands as add_serving_commands
+from services.cli.status import add_commands as add_status_commands
 from services.cli.trace import add_commands as add_trace_commands
 from services.cli.train import add_commands as add_train_commands
 from services.common import tracing
@@ -199,107 +198,6 @@ def cmd_search(args: argparse.Namespace, settings: CommonSettings) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace, settings: CommonSettings) -> int:
-    from deploy.stack import Stack, print_status
-
-    rows = Stack().status()
-    stats = None
-    try:
-        stub = stubs.retrieve(settings)
-        stats = stub.GetIndexStats(retrieve_pb2.GetIndexStatsRequest(), timeout=3)
-    except grpc.RpcError:
-        pass
-    drift = None
-    try:
-        drift = stubs.monitor(settings).GetDriftStatus(
-            monitor_pb2.GetDriftStatusRequest(windows=1), timeout=3
-        )
-    except grpc.RpcError:
-        pass
-    drift_summary = None
-    if drift is not None:
-        last = drift.windows[-1] if drift.windows else None
-        drift_summary = {
-            "reference": drift.reference.id or None,
-            "questions_seen": drift.questions_seen,
-            "last_window": last.index if last else None,
-            "last_p_value": round(last.p_value, 4) if last else None,
-            "last_drift": last.drift if last else None,
-            "streak": drift.streak,
-            "events": drift.events,
-            "open_gaps": sum(1 for g in drift.gaps if not g.closed_ms),
-        }
-    training = None
-    try:
-        trainer = stubs.trainer(settings)
-        jobs = trainer.ListJobs(trainer_pb2.ListJobsRequest(limit=1), timeout=3).jobs
-        policy = trainer.GetPolicy(trainer_pb2.GetPolicyRequest(), timeout=3)
-        last_job = jobs[0] if jobs else None
-        training = {
-            "policy": policy.mode,
-            "watching": policy.watching or None,
-            "shadow_pairs": policy.pairs,
-            "last_job": last_job.id if last_job else None,
-            "last_job_state": last_job.state if last_job else None,
-            "last_job_step": f"{last_job.step}/{last_job.steps}" if last_job else None,
-            "last_adapter": (last_job.adapter_id or None) if last_job else None,
-            "last_rollout": (last_job.rollout or None) if last_job else None,
-        }
-    except grpc.RpcError:
-        pass
-    if args.json:
-        out: dict[str, object] = {"components": rows}
-        if training is not None:
-            out["training"] = training
-        if drift_summary is not None:
-            out["drift"] = drift_summary
-        if stats is not None:
-            out["index"] = {
-                "chunks": stats.chunks,
-                "documents": stats.documents,
-                "pending_chunks": stats.pending_chunks,
-                "bm25_lag_chunks": stats.bm25_lag_chunks,
-                "dense_backend": stats.dense_backend,
-            }
-        print(json.dumps(out))
-    else:
-        print_status(rows)
-        if stats is not None:
-            print(
-                f"\nindex: {stats.documents} documents, {stats.chunks} chunks "
-                f"({stats.pending_chunks} pending, {stats.bm25_lag_chunks} awaiting BM25), "
-                f"dense backend {stats.dense_backend}"
-            )
-        if drift_summary is not None:
-            d = drift_summary
-            window = (
-                f"last window {d['last_window']} p={d['last_p_value']}"
-                + (" DRIFT" if d["last_drift"] else "")
-                if d["last_window"] is not None
-                else "no window yet"
-            )
-            print(
-                f"drift: reference {d['reference'] or 'none yet'}, {d['questions_seen']} "
-                f"questions, {window}, {d['events']} events, {d['open_gaps']} open knowledge gaps"
-            )
-        if training is not None:
-            t = training
-            job = (
-                f"last job {t['last_job']} {t['last_job_state']} (step {t['last_job_step']})"
-                + (f", adapter {t['last_adapter']}" if t["last_adapter"] else "")
-                + (f", rollout {t['last_rollout']}" if t["last_rollout"] else "")
-                if t["last_job"]
-                else "no job yet"
-            )
-            watching = (
-                f", watching {t['watching']} ({t['shadow_pairs']} shadow pairs)"
-                if t["watching"]
-                else ""
-            )
-            print(f"training: policy {t['policy']}{watching}; {job}")
-    return 0 if all(r["state"] in ("UP", "SERVING") for r in rows) else 3
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="knowstream", description=DESCRIPTION)
     parser.add_argument("--timeout", type=float, default=60, help="per-call deadline, seconds")
@@ -346,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_commands(sub)
     add_audit_commands(sub)
     add_trace_commands(sub)
-    p = sub.add_parser("status", help="components, health and index size")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
+    add_status_commands(sub)
     args = parser.parse_args(argv)
     trace = tracing.parse_traceparent(args.traceparent) if args.traceparent else tracing.new_trace()
     if trace is None:

@@ -99,74 +99,98 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except _Refusal as exc:
             refusal, token, needed = exc, exc.token, required_role(method)
         audited = self.audit is not None and (needed is None or needed >= Role.ADMIN)
-        who = token.name if token else ("" if self.tokens is not None else ANONYMOUS)
-        role = token.role.label if token else ""
+        call = _AuthorizedCall(
+            self.service,
+            method,
+            token,
+            anonymous=self.tokens is None,
+            refusal=refusal,
+            audit=self.audit if audited else None,
+        )
+        return _rebuild(handler, call.run, call.run_stream)
+
+
+class _AuthorizedCall:
+    """One call past the token check: refused (and audited) or run with the caller set, then
+    audited with its outcome when the method needs admin."""
+
+    def __init__(
+        self,
+        service: str,
+        method: str,
+        token: Token | None,
+        *,
+        anonymous: bool,
+        refusal: _Refusal | None,
+        audit: AuditLog | None,
+    ):
+        self.service, self.method, self.refusal, self.audit = service, method, refusal, audit
+        self.who = token.name if token else (ANONYMOUS if anonymous else "")
+        self.role = token.role.label if token else ""
         # The document access groups the call may read (None = all: auth off or a "*" token).
-        scope = token.scope if token else None
-        started = time.time()
+        self.scope = token.scope if token else None
+        self.started = time.time()
 
-        def record(
-            context: grpc.aio.ServicerContext,
-            code: grpc.StatusCode,
-            request: Any,
-            details: str | bytes | None = None,
-        ) -> None:
-            if not audited or self.audit is None:
-                return
-            if details is None:
-                details = context.details() if code != grpc.StatusCode.OK else ""
-            self.audit.record(
-                events_pb2.AuditEvent(
-                    header=new_header(self.service),
-                    who=who,
-                    role=role,
-                    method=method,
-                    service=self.service,
-                    request=str(request)
-                    if isinstance(request, _StreamSummary)
-                    else (summarize(request) if hasattr(request, "ListFields") else ""),
-                    code=code.name,
-                    details=details.decode() if isinstance(details, bytes) else details or "",
-                    started_at_ms=int(started * 1000),
-                    duration_ms=(time.time() - started) * 1000,
-                    peer=context.peer() or "",
-                )
+    def record(
+        self,
+        context: grpc.aio.ServicerContext,
+        code: grpc.StatusCode,
+        request: Any,
+        details: str | bytes | None = None,
+    ) -> None:
+        if self.audit is None:
+            return
+        if details is None:
+            details = context.details() if code != grpc.StatusCode.OK else ""
+        self.audit.record(
+            events_pb2.AuditEvent(
+                header=new_header(self.service),
+                who=self.who,
+                role=self.role,
+                method=self.method,
+                service=self.service,
+                request=str(request)
+                if isinstance(request, _StreamSummary)
+                else (summarize(request) if hasattr(request, "ListFields") else ""),
+                code=code.name,
+                details=details.decode() if isinstance(details, bytes) else details or "",
+                started_at_ms=int(self.started * 1000),
+                duration_ms=(time.time() - self.started) * 1000,
+                peer=context.peer() or "",
             )
+        )
 
-        async def run(call: Callable[[], Any], context: Any, request: Any) -> Any:
-            """Runs a unary-response call (or refuses it) with the caller set, then audits."""
-            if refusal is not None:
-                record(context, refusal.code, request, refusal.message)
-                await context.abort(refusal.code, refusal.message)
-            CALLER.set(who)
-            CALLER_SCOPE.set(scope)
-            try:
-                result = await call()
-            except BaseException as exc:
-                record(context, _code_of(exc, context), request)
-                raise
-            record(context, context.code() or grpc.StatusCode.OK, request)
-            return result
+    async def _admit(self, context: Any, request: Any) -> None:
+        if self.refusal is not None:
+            self.record(context, self.refusal.code, request, self.refusal.message)
+            await context.abort(self.refusal.code, self.refusal.message)
+        CALLER.set(self.who)
+        CALLER_SCOPE.set(self.scope)
 
-        async def run_stream(call: Callable[[], Any], context: Any, request: Any) -> Any:
-            if refusal is not None:
-                record(context, refusal.code, request, refusal.message)
-                await context.abort(refusal.code, refusal.message)
-            CALLER.set(who)
-            CALLER_SCOPE.set(scope)
-            try:
-                responses = call()
-                if hasattr(responses, "__aiter__"):
-                    async for response in responses:
-                        yield response
-                else:  # a handler writing with context.write()
-                    await responses
-            except BaseException as exc:
-                record(context, _code_of(exc, context), request)
-                raise
-            record(context, context.code() or grpc.StatusCode.OK, request)
+    async def run(self, call: Callable[[], Any], context: Any, request: Any) -> Any:
+        """Runs a unary-response call (or refuses it) with the caller set, then audits."""
+        await self._admit(context, request)
+        try:
+            result = await call()
+        except BaseException as exc:
+            self.record(context, _code_of(exc, context), request)
+            raise
+        self.record(context, context.code() or grpc.StatusCode.OK, request)
+        return result
 
-        return _rebuild(handler, run, run_stream)
+    async def run_stream(self, call: Callable[[], Any], context: Any, request: Any) -> Any:
+        await self._admit(context, request)
+        try:
+            responses = call()
+            if hasattr(responses, "__aiter__"):
+                async for response in responses:
+                    yield response
+            else:  # a handler writing with context.write()
+                await responses
+        except BaseException as exc:
+            self.record(context, _code_of(exc, context), request)
+            raise
+        self.record(context, context.code() or grpc.StatusCode.OK, request)
 
 
 def _code_of(exc: BaseException, context: Any) -> grpc.StatusCode:

@@ -77,6 +77,115 @@ def _bad_request_message(error: str) -> str:
     )
 
 
+class _ObservedMethod:
+    """One method's wrapping, shared by the four RPC kinds: the caller's trace, the refusal of a
+    request that could not be decoded, the latency metric with its status code, and the error
+    contract (a ServiceError answers its code; anything else INTERNAL with a request id)."""
+
+    def __init__(self, service: str, method: str):
+        self.service = service
+        self.method = method
+
+    def observe(self, start: float, context: grpc.aio.ServicerContext) -> None:
+        code = context.code() if hasattr(context, "code") else None
+        name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+        RPC_LATENCY.labels(self.service, self.method, name).observe(time.perf_counter() - start)
+
+    async def answer_error(self, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(exc, _BadRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(exc, ServiceError):
+            await context.abort(exc.code, str(exc))
+        request_id = uuid.uuid4().hex[:12]
+        log.exception("unhandled error in %s", self.method, extra={"request_id": request_id})
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error ({type(exc).__name__}): {exc} [request {request_id}]",
+        )
+
+    async def begin(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Each call runs on its caller's trace and refuses a request it could not decode."""
+        use_trace(server_context(context.invocation_metadata()))
+        if isinstance(request, _Undecodable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, _bad_request_message(request.error)
+            )
+
+    @staticmethod
+    async def checked(request_iterator):  # type: ignore[no-untyped-def]
+        async for request in request_iterator:
+            if isinstance(request, _Undecodable):
+                raise _BadRequest(_bad_request_message(request.error))
+            yield request
+
+    async def guard(self, call: Awaitable[Any], context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        try:
+            return await call
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await self.answer_error(exc, context)
+        finally:
+            self.observe(start, context)
+
+    async def guard_stream(
+        self, responses: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        start = time.perf_counter()
+        try:
+            if inspect.isasyncgen(responses):
+                async for item in responses:
+                    yield item
+            else:  # a handler that writes with context.write
+                await responses
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await self.answer_error(exc, context)
+        finally:
+            self.observe(start, context)
+
+    def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        parse, serialize = _tolerant(handler.request_deserializer), handler.response_serializer
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request, context):  # type: ignore[no-untyped-def]
+                await self.begin(request, context)
+                return await self.guard(inner_uu(request, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, parse, serialize)
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator, context):  # type: ignore[no-untyped-def]
+                use_trace(server_context(context.invocation_metadata()))
+                return await self.guard(inner_su(self.checked(request_iterator), context), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, parse, serialize)
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request, context):  # type: ignore[no-untyped-def]
+                await self.begin(request, context)
+                async for item in self.guard_stream(inner_us(request, context), context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, parse, serialize)
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(request_iterator, context):  # type: ignore[no-untyped-def]
+                use_trace(server_context(context.invocation_metadata()))
+                responses = inner_ss(self.checked(request_iterator), context)
+                async for item in self.guard_stream(responses, context):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, parse, serialize)
+        return handler
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Times every RPC, labels it with its status code, turns unexpected exceptions into
     INTERNAL with a message instead of a bare UNKNOWN, and runs the handler under the caller's
@@ -91,112 +200,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        service = self.service
-
-        def observe(start: float, context: grpc.aio.ServicerContext) -> None:
-            code = context.code() if hasattr(context, "code") else None
-            name = code.name if isinstance(code, grpc.StatusCode) else "OK"
-            RPC_LATENCY.labels(service, method, name).observe(time.perf_counter() - start)
-
-        async def answer_error(exc: Exception, context: grpc.aio.ServicerContext) -> None:
-            """Every RPC kind answers an escaped error the same way (the error contract)."""
-            if isinstance(exc, _BadRequest):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            if isinstance(exc, ServiceError):
-                await context.abort(exc.code, str(exc))
-            request_id = uuid.uuid4().hex[:12]
-            log.exception("unhandled error in %s", method, extra={"request_id": request_id})
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error ({type(exc).__name__}): {exc} [request {request_id}]",
-            )
-
-        async def guard(call: Awaitable[Any], context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            try:
-                return await call
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                await answer_error(exc, context)
-            finally:
-                observe(start, context)
-
-        async def guard_stream(
-            responses: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            try:
-                if inspect.isasyncgen(responses):
-                    async for item in responses:
-                        yield item
-                else:  # a handler that writes with context.write
-                    await responses
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                await answer_error(exc, context)
-            finally:
-                observe(start, context)
-
-        async def checked(request_iterator):  # type: ignore[no-untyped-def]
-            async for request in request_iterator:
-                if isinstance(request, _Undecodable):
-                    raise _BadRequest(_bad_request_message(request.error))
-                yield request
-
-        async def begin(request: Any, context: grpc.aio.ServicerContext) -> None:
-            """Each call runs on its caller's trace and refuses a request it could not decode."""
-            use_trace(server_context(context.invocation_metadata()))
-            if isinstance(request, _Undecodable):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, _bad_request_message(request.error)
-                )
-
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request, context):  # type: ignore[no-untyped-def]
-                await begin(request, context)
-                return await guard(inner_uu(request, context), context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, _tolerant(handler.request_deserializer), handler.response_serializer
-            )
-        if handler.stream_unary:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator, context):  # type: ignore[no-untyped-def]
-                use_trace(server_context(context.invocation_metadata()))
-                return await guard(inner_su(checked(request_iterator), context), context)
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, _tolerant(handler.request_deserializer), handler.response_serializer
-            )
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request, context):  # type: ignore[no-untyped-def]
-                await begin(request, context)
-                async for item in guard_stream(inner_us(request, context), context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
-            )
-        if handler.stream_stream:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(request_iterator, context):  # type: ignore[no-untyped-def]
-                use_trace(server_context(context.invocation_metadata()))
-                responses = inner_ss(checked(request_iterator), context)
-                async for item in guard_stream(responses, context):
-                    yield item
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, _tolerant(handler.request_deserializer), handler.response_serializer
-            )
-        return handler
+        return _ObservedMethod(self.service, method).wrap(handler)
 
 
 class GrpcApp:

@@ -37,7 +37,7 @@ from services.infer.routing import Route, route
 from services.infer.settings import InferSettings
 from services.infer.validation import check_ask, check_score
 from services.llm.llm import LLMRequest
-from services.llm.prompts import Passage, build_prompt
+from services.llm.prompts import Passage, Prompt, build_prompt
 from services.llm.triton import (
     Generation,
     TritonLLM,
@@ -120,6 +120,37 @@ class Answerer:
         on_text: Callable[[str], Awaitable[None]] | None = None,
     ) -> Answer:
         start = time.perf_counter()
+        remaining = self._deadline(deadline_s, start)
+        self.validate(request)
+        request_id = uuid.uuid4().hex
+        chosen = await self.choose(request, caller)
+        t = time.perf_counter()
+        search = await self.search(request, remaining())
+        retrieve_ms = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        prompt, llm_request = self._llm_request(request, search, chosen.adapter)
+        prompt_ms = (time.perf_counter() - t) * 1000
+        generation = await self._generate(llm_request, remaining(), on_text)
+        mirrored = self._mirror(request_id, request, llm_request, chosen, generation)
+        latency = events_pb2.LatencyBreakdown(
+            retrieve_ms=retrieve_ms,
+            prompt_ms=prompt_ms,
+            generate_ms=generation.latency_ms,
+            compute_ms=generation.compute_ms,
+            total_ms=(time.perf_counter() - start) * 1000,
+        )
+        response = ask_response(
+            request_id, generation, chosen, prompt.passages, latency, bool(llm_request.candidates)
+        )
+        event = inference_event(request, response, caller, search, mirrored)
+        ASK_LATENCY.labels(event.adapter or "base", event.route).observe(latency.total_ms / 1000)
+        self.events.publish(self.settings.topic_inference, request_id, event)
+        self._spawn(self.requests.remember(request_id, request.question))
+        return Answer(response, event)
+
+    def _deadline(self, deadline_s: float | None, start: float) -> Callable[[], float]:
+        """What is left of the call's budget (the caller's deadline, at most the default), a
+        little kept back for the answer; raises DeadlineExceeded once it is spent."""
         budget = min(
             deadline_s or self.settings.infer_default_deadline_s,
             self.settings.infer_default_deadline_s,
@@ -131,13 +162,11 @@ class Answerer:
                 raise DeadlineExceeded("deadline passed")
             return left
 
-        self.validate(request)
-        request_id = uuid.uuid4().hex
-        chosen = await self.choose(request, caller)
-        t = time.perf_counter()
-        search = await self.search(request, remaining())
-        retrieve_ms = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
+        return remaining
+
+    def _llm_request(
+        self, request: infer_pb2.AskRequest, search: retrieve_pb2.SearchResponse, adapter: str
+    ) -> tuple[Prompt, LLMRequest]:
         passages = [Passage(h.doc_id, h.chunk_id, h.title, h.text, h.score) for h in search.hits]
         candidates = list(request.candidates)
         prompt = build_prompt(
@@ -147,10 +176,10 @@ class Answerer:
             self.settings.infer_max_context_chars,
             candidates,
         )
-        llm_request = LLMRequest(
+        return prompt, LLMRequest(
             prompt=prompt.user,
             system=prompt.system,
-            adapter=chosen.adapter,
+            adapter=adapter,
             max_new_tokens=request.max_tokens or self.settings.infer_default_max_tokens,
             temperature=request.temperature,
             top_p=request.top_p or 1.0,
@@ -158,32 +187,24 @@ class Answerer:
             candidates=candidates,
             ignore_eos=request.ignore_eos,
         )
-        prompt_ms = (time.perf_counter() - t) * 1000
-        generation = await self._generate(llm_request, remaining(), on_text)
-        mirrored = False
-        if chosen.mirror and self.settings.infer_max_shadow_inflight > 0:
-            if self.shadow_inflight < self.settings.infer_max_shadow_inflight:
-                mirrored = True
-                self._spawn(
-                    self._shadow(request_id, request.question, llm_request, chosen, generation)
-                )
-            else:
-                MIRRORS.labels("skipped_busy").inc()
-        latency = events_pb2.LatencyBreakdown(
-            retrieve_ms=retrieve_ms,
-            prompt_ms=prompt_ms,
-            generate_ms=generation.latency_ms,
-            compute_ms=generation.compute_ms,
-            total_ms=(time.perf_counter() - start) * 1000,
-        )
-        response = ask_response(
-            request_id, generation, chosen, prompt.passages, latency, bool(candidates)
-        )
-        event = inference_event(request, response, caller, search, mirrored)
-        ASK_LATENCY.labels(event.adapter or "base", event.route).observe(latency.total_ms / 1000)
-        self.events.publish(self.settings.topic_inference, request_id, event)
-        self._spawn(self.requests.remember(request_id, request.question))
-        return Answer(response, event)
+
+    def _mirror(
+        self,
+        request_id: str,
+        request: infer_pb2.AskRequest,
+        llm_request: LLMRequest,
+        chosen: Route,
+        generation: Generation,
+    ) -> bool:
+        """Sends the request to the shadow adapter in the background, when the rollout asks for
+        it and fewer than KS_INFER_MAX_SHADOW_INFLIGHT mirrors are running."""
+        if not chosen.mirror or self.settings.infer_max_shadow_inflight <= 0:
+            return False
+        if self.shadow_inflight >= self.settings.infer_max_shadow_inflight:
+            MIRRORS.labels("skipped_busy").inc()
+            return False
+        self._spawn(self._shadow(request_id, request.question, llm_request, chosen, generation))
+        return True
 
     async def _generate(
         self,

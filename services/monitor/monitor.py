@@ -21,7 +21,7 @@ from knowstream.events.v1 import events_pb2
 from services.common.kafka import BadEvent, new_header, parse_event, parse_knowledge_event
 from services.common.metrics import DRIFT_MMD2, DRIFT_P_VALUE, DRIFT_WINDOW
 from services.monitor.drift import Reference
-from services.monitor.policy import DriftPolicy, PolicyState
+from services.monitor.policy import Decision, DriftPolicy, PolicyState
 from services.monitor.settings import MonitorSettings
 from services.monitor.store import LogEntry, MonitorStore, OutboxRecord
 from services.monitor.windowing import (
@@ -302,38 +302,8 @@ class Monitor:
         ]
         event_bytes, gap = None, None
         if decision is not None:
-            event = decision_event(decision, ref.id, await self.live_adapter(), self.settings)
-            kind = event.WhichOneof("kind")
-            inner = getattr(event, kind)
-            topic = (
-                self.settings.topic_retrain
-                if kind == "retrain_requested"
-                else self.settings.topic_knowledge_gaps
-            )
-            outbox.append(OutboxRecord(topic, decision.idempotency_key, inner.SerializeToString()))
-            event_bytes = event.SerializeToString()
-            if kind == "knowledge_gap":
-                poor = [
-                    e
-                    for e in entries
-                    if e.top_score is not None and e.top_score < self.settings.monitor_gap_score
-                ]
-                # The evidence may all be in earlier windows of the streak: then the gap has no
-                # questions to follow (it is reported, not tracked).
-                gap = new_gap(
-                    decision.idempotency_key,
-                    [e.question for e in poor],
-                    np.stack([e.embedding for e in poor])
-                    if poor
-                    else np.zeros((0, ref.reference.embeddings.shape[1]), np.float32),
-                    [e.top_score or 0.0 for e in poor],
-                    int(time.time() * 1000),
-                )
-            log.warning(
-                "drift decision: %s",
-                kind,
-                extra={"idempotency_key": decision.idempotency_key, "reason": inner.reason},
-            )
+            record_out, event_bytes, gap = await self._decided(decision, entries, ref)
+            outbox.append(record_out)
         await self.store.commit_window(
             cursor=entries[min(self.step, size) - 1].entry_id,
             next_window=index + 1,
@@ -353,6 +323,45 @@ class Monitor:
             record.drift,
         )
         return record
+
+    async def _decided(
+        self, decision: Decision, entries: list[LogEntry], ref: LoadedReference
+    ) -> tuple[OutboxRecord, bytes, dict[str, Any] | None]:
+        """A window's decision as its outbox record (RetrainRequested or KnowledgeGap), the
+        whole DriftEvent, and for a gap the poorly retrieved questions it tracks."""
+        event = decision_event(decision, ref.id, await self.live_adapter(), self.settings)
+        kind = event.WhichOneof("kind")
+        inner = getattr(event, kind)
+        topic = (
+            self.settings.topic_retrain
+            if kind == "retrain_requested"
+            else self.settings.topic_knowledge_gaps
+        )
+        gap = None
+        if kind == "knowledge_gap":
+            poor = [
+                e
+                for e in entries
+                if e.top_score is not None and e.top_score < self.settings.monitor_gap_score
+            ]
+            # The evidence may all be in earlier windows of the streak: then the gap has no
+            # questions to follow (it is reported, not tracked).
+            gap = new_gap(
+                decision.idempotency_key,
+                [e.question for e in poor],
+                np.stack([e.embedding for e in poor])
+                if poor
+                else np.zeros((0, ref.reference.embeddings.shape[1]), np.float32),
+                [e.top_score or 0.0 for e in poor],
+                int(time.time() * 1000),
+            )
+        log.warning(
+            "drift decision: %s",
+            kind,
+            extra={"idempotency_key": decision.idempotency_key, "reason": inner.reason},
+        )
+        record = OutboxRecord(topic, decision.idempotency_key, inner.SerializeToString())
+        return record, event.SerializeToString(), gap
 
     async def flush_outbox(self) -> int:
         records = await self.store.outbox()

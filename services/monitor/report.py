@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 from knowstream.events.v1 import events_pb2
 from knowstream.monitor.v1 import monitor_pb2
@@ -28,10 +29,27 @@ def plot(
 
     if not windows:
         raise ValueError("no windows to plot yet")
-    x = [w.index for w in windows]
     fig, axes = plt.subplots(4, 1, figsize=(11, 10), sharex=True)
-    ax_p, ax_mmd, ax_kl, ax_answer = axes
+    _statistics(axes[:3], windows, settings)
+    _answer_side(axes[3], windows, settings)
+    _decisions(axes, windows, events)
+    axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title or "knowstream drift monitor (shaded: drifted windows)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
+
+def _statistics(
+    axes: Any, windows: list[events_pb2.DriftWindow], settings: monitor_pb2.PolicySettings
+) -> None:
+    """The question-side panels: MMD p-value, MMD² and the KL divergences."""
+    ax_p, ax_mmd, ax_kl = axes
+    x = [w.index for w in windows]
     ax_p.semilogy(x, [max(w.p_value, 1e-3) for w in windows], "o-", ms=3, label="p-value")
     ax_p.axhline(settings.p_value, color="red", ls="--", lw=1, label=f"p < {settings.p_value:g}")
     ax_p.set_ylabel("MMD p-value")
@@ -47,30 +65,31 @@ def plot(
         ax_kl.axhline(settings.kl_threshold, color="red", ls="--", lw=1, label="KL threshold")
     ax_kl.set_ylabel("KL divergence")
 
-    ax_answer.plot(
-        x, [w.poorly_retrieved_share for w in windows], "o-", ms=3, label="poorly retrieved"
-    )
-    ax_answer.plot(x, [w.low_confidence_share for w in windows], "s-", ms=3, label="low confidence")
-    ax_answer.plot(
-        x,
-        [w.negative_feedback_share if w.feedback_count else float("nan") for w in windows],
-        "^-",
-        ms=3,
-        label="negative feedback",
-    )
-    ax_answer.plot(
-        x,
-        [w.shadow_agreement if w.shadow_pairs else float("nan") for w in windows],
-        "d-",
-        ms=3,
-        label="shadow agreement",
-    )
-    ax_answer.axhline(settings.gap_share, color="grey", ls=":", lw=1, label="gap share")
-    ax_answer.set_ylim(-0.05, 1.05)
-    ax_answer.set_ylabel("share")
-    ax_answer.set_xlabel("window")
 
-    shown = set(x)
+def _answer_side(
+    ax: Any, windows: list[events_pb2.DriftWindow], settings: monitor_pb2.PolicySettings
+) -> None:
+    """Shares of poorly retrieved, low-confidence and disliked answers, and shadow agreement
+    (a gap where a window had no feedback or no shadow pair)."""
+    x = [w.index for w in windows]
+    nan = float("nan")
+    ax.plot(x, [w.poorly_retrieved_share for w in windows], "o-", ms=3, label="poorly retrieved")
+    ax.plot(x, [w.low_confidence_share for w in windows], "s-", ms=3, label="low confidence")
+    feedback = [w.negative_feedback_share if w.feedback_count else nan for w in windows]
+    ax.plot(x, feedback, "^-", ms=3, label="negative feedback")
+    agreement = [w.shadow_agreement if w.shadow_pairs else nan for w in windows]
+    ax.plot(x, agreement, "d-", ms=3, label="shadow agreement")
+    ax.axhline(settings.gap_share, color="grey", ls=":", lw=1, label="gap share")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("share")
+    ax.set_xlabel("window")
+
+
+def _decisions(
+    axes: Any, windows: list[events_pb2.DriftWindow], events: list[events_pb2.DriftEvent]
+) -> None:
+    """Drifted windows shaded, decisions and reference changes as labelled vertical lines."""
+    shown = {w.index for w in windows}
     marks = []  # (window index, kind) of each decision whose trigger is in view
     for event in events:
         kind = event.WhichOneof("kind")
@@ -89,9 +108,10 @@ def plot(
                 ax.axvspan(w.index - 0.5, w.index + 0.5, color="orange", alpha=0.2, lw=0)
         for at, kind in marks:
             ax.axvline(at, color="red" if kind == "retrain_requested" else "blue", lw=1.5)
+    label = {"retrain_requested": "RetrainRequested"}
     for at, kind in marks:
-        ax_p.annotate(
-            "RetrainRequested" if kind == "retrain_requested" else "KnowledgeGap",
+        axes[0].annotate(
+            label.get(kind, "KnowledgeGap"),
             (at, 1),
             xycoords=("data", "axes fraction"),
             rotation=90,
@@ -100,7 +120,7 @@ def plot(
             fontsize=8,
         )
     for at in changes:
-        ax_p.annotate(
+        axes[0].annotate(
             "new reference",
             (at, 0.02),
             xycoords=("data", "axes fraction"),
@@ -110,12 +130,3 @@ def plot(
             fontsize=7,
             color="grey",
         )
-    ax_answer.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize=8)
-    fig.suptitle(title or "knowstream drift monitor (shaded: drifted windows)")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)

@@ -195,17 +195,33 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
     )
+    app.middleware("http")(trace_context)
+    add_generation_routes(app, settings)
+    add_model_routes(app, settings)
+    add_embedding_routes(app, settings)
+    app.get("/health")(health)
+    add_error_handlers(app)
+    return app
 
-    @app.middleware("http")
-    async def trace_context(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        # The trace id a client can follow with `knowstream trace ID` (events on every topic).
-        ctx = request_trace(request)
-        response = await call_next(request)
-        response.headers[TRACEPARENT] = ctx.header()
-        return response
 
+async def trace_context(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    # The trace id a client can follow with `knowstream trace ID` (events on every topic).
+    ctx = request_trace(request)
+    response = await call_next(request)
+    response.headers[TRACEPARENT] = ctx.header()
+    return response
+
+
+async def health(b: BackendDep) -> JSONResponse:
+    """SERVING while the infer and embed services are (no token needed, like gRPC health)."""
+    ok = await b.ready()
+    return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, 200 if ok else 503)
+
+
+def add_generation_routes(app: FastAPI, settings: OpenAISettings) -> None:
+    """/v1/chat/completions and /v1/completions: an Ask each, whole or streamed."""
     timeout = settings.openai_timeout_s
     routed, base = settings.openai_model_name, convert.base_name(settings.llm_model)
 
@@ -226,6 +242,12 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, b: BackendDep, md: MetadataDep) -> Any:
         return await answer(b, body, convert.completion_question(body), md, chat=False)
+
+
+def add_model_routes(app: FastAPI, settings: OpenAISettings) -> None:
+    """/v1/models: the base model, every registered adapter and the routing aliases."""
+    timeout = settings.openai_timeout_s
+    routed, base = settings.openai_model_name, convert.base_name(settings.llm_model)
 
     async def model_list(b: Backend, md: Metadata) -> dict[str, Any]:
         adapters, info = await asyncio.gather(
@@ -249,6 +271,10 @@ def create_app(
                 return entry  # type: ignore[no-any-return]
         raise ApiError(404, f"unknown model {model!r}", param="model", code="model_not_found")
 
+
+def add_embedding_routes(app: FastAPI, settings: OpenAISettings) -> None:
+    timeout = settings.openai_timeout_s
+
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, b: BackendDep, md: MetadataDep) -> Any:
         if body.dimensions is not None:
@@ -266,15 +292,6 @@ def create_app(
                 code="model_not_found",
             )
         return convert.embeddings(reply, body.model, body.encoding_format)
-
-    @app.get("/health")
-    async def health(b: BackendDep) -> JSONResponse:
-        """SERVING while the infer and embed services are (no token needed, like gRPC health)."""
-        ok = await b.ready()
-        return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, 200 if ok else 503)
-
-    add_error_handlers(app)
-    return app
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -10,13 +10,15 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import numpy as np
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 
 from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from services.common import clients, redisutil
 from services.common.access import narrow
 from services.common.auth import caller_scope
-from services.common.consumer import StreamConsumer, attach_stream
+from services.common.consumer import Handler, StreamConsumer, attach_stream
 from services.common.embedding import Embedder
 from services.common.grpcserver import service_app
 from services.common.kafka import make_producer
@@ -198,6 +200,49 @@ def _hit_proto(hit: Hit, index: HybridIndex) -> retrieve_pb2.SearchHit:
     )
 
 
+async def index_model(
+    settings: RetrieveSettings, embedder: Embedder | None, embed: embed_pb2_grpc.EmbedServiceStub
+) -> embed_pb2.ModelInfo:
+    """The model (and so the index dimension) of the vectors indexed: the local query
+    embedder's, else the embed service's, waited for and checked against KS_EMBED_MODEL."""
+    if embedder is not None:
+        return embed_pb2.ModelInfo(model=settings.embed_model, dimension=embedder.dimension)
+    while True:
+        try:
+            info = await embed.GetModelInfo(embed_pb2.GetModelInfoRequest(), timeout=2)
+            break
+        except grpc.RpcError:
+            log.info("waiting for the embed service")
+            await asyncio.sleep(1)
+    if info.model != settings.embed_model:
+        raise RuntimeError(
+            f"embed service runs {info.model!r}, retrieve expects {settings.embed_model!r}"
+        )
+    return info
+
+
+def embedded_stream(
+    settings: RetrieveSettings,
+    handle: Handler,
+    producer: AIOKafkaProducer,
+    redis: aioredis.Redis,
+    store: ChunkStore,
+) -> StreamConsumer:
+    """The embedded-chunk stream, its positions kept in Redis with the index (StoredOffsets)."""
+    return StreamConsumer(
+        settings,
+        "retrieve",
+        settings.retrieve_group,
+        {settings.topic_embedded: handle},
+        producer=producer,
+        redis=redis,
+        positions=StoredOffsets(store),
+        max_records=settings.retrieve_poll_records,
+        poll_timeout_ms=200,
+        max_poll_records=settings.retrieve_poll_records,
+    )
+
+
 async def main() -> None:
     settings = RetrieveSettings()
     app = service_app("retrieve", settings, settings.retrieve_port, settings.retrieve_metrics_port)
@@ -224,36 +269,11 @@ async def main() -> None:
         assert indexer is not None
         await indexer.handle(records)
 
-    stream = StreamConsumer(
-        settings,
-        "retrieve",
-        settings.retrieve_group,
-        {settings.topic_embedded: handle},
-        producer=producer,
-        redis=redis,
-        positions=StoredOffsets(store),
-        max_records=settings.retrieve_poll_records,
-        poll_timeout_ms=200,
-        max_poll_records=settings.retrieve_poll_records,
-    )
+    stream = embedded_stream(settings, handle, producer, redis, store)
 
     async def start() -> None:
         nonlocal indexer
-        if embedder is not None:
-            info = embed_pb2.ModelInfo(model=settings.embed_model, dimension=embedder.dimension)
-        else:
-            # The index dimension comes from the embed service's model: wait for it.
-            while True:
-                try:
-                    info = await embed_stub.GetModelInfo(embed_pb2.GetModelInfoRequest(), timeout=2)
-                    break
-                except grpc.RpcError:
-                    log.info("waiting for the embed service")
-                    await asyncio.sleep(1)
-            if info.model != settings.embed_model:
-                raise RuntimeError(
-                    f"embed service runs {info.model!r}, retrieve expects {settings.embed_model!r}"
-                )
+        info = await index_model(settings, embedder, embed_stub)
         backend = make_backend(
             settings.retrieve_dense_backend,
             info.dimension,

@@ -115,6 +115,30 @@ class Trainer:
     ) -> tuple[trainer_pb2.Job, bool]:
         """Validates and queues a job. InvalidArgument for bad input, UnknownAdapter (NotFound)
         for an unknown parent. A repeated trigger key returns the job it made the first time."""
+        await self._checked(request)
+        parent = await self.registry.resolve(request.parent or "live")
+        job = trainer_pb2.Job(
+            id=uuid.uuid4().hex[:12],
+            state="queued",
+            trigger=trigger,
+            trigger_event_id=event_id,
+            reason=request.reason,
+            parent=parent,
+            created_ms=now_ms(),
+            request=request,
+        )
+        job_id, new = await self.store.add_job(job, trigger_key)
+        if not new:
+            existing = await self.store.job(job_id)
+            assert existing is not None
+            return existing, False
+        await self.event(job, "queued", [request.reason or trigger])
+        self.wake.set()
+        return job, True
+
+    async def _checked(self, request: trainer_pb2.TrainRequest) -> None:
+        """Fills the request's mode and import path in, or raises InvalidArgument (or
+        FailedPrecondition) naming what is wrong."""
         s = self.settings
         if request.mode == trainer_pb2.TRAIN_MODE_UNSPECIFIED:
             # Fixed at submission: a resumed job keeps the mode it started with.
@@ -153,25 +177,6 @@ class Trainer:
             raise InvalidArgument("epochs must be in (0, 20]")
         if request.max_tokens and request.max_tokens < 32:
             raise InvalidArgument("max_tokens must be at least 32")
-        parent = await self.registry.resolve(request.parent or "live")
-        job = trainer_pb2.Job(
-            id=uuid.uuid4().hex[:12],
-            state="queued",
-            trigger=trigger,
-            trigger_event_id=event_id,
-            reason=request.reason,
-            parent=parent,
-            created_ms=now_ms(),
-            request=request,
-        )
-        job_id, new = await self.store.add_job(job, trigger_key)
-        if not new:
-            existing = await self.store.job(job_id)
-            assert existing is not None
-            return existing, False
-        await self.event(job, "queued", [request.reason or trigger])
-        self.wake.set()
-        return job, True
 
     async def on_retrain(self, value: bytes | None) -> None:
         event = parse_retrain(value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -59,16 +60,12 @@ def read_recent_chunks(
         enable_auto_commit=False,
         group_id=None,
     )
-    out = RecentRead()
-    by_id: dict[str, RecentChunk] = {}
-    # Doc id -> content hash of its last record: a document's records share a partition (its id
-    # is the key), so the last one read is its current version.
-    versions: dict[str, str] = {}
+    collector = _Collector(since_ms)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         parts = [TopicPartition(topic, p) for p in sorted(partitions)]
         if not parts:
-            return out
+            return collector.out
         starts = consumer.offsets_for_times({tp: since_ms for tp in parts})
         ends = consumer.end_offsets(parts)
         # A partition with nothing at or after since_ms: Kafka answers None, the embedded
@@ -79,7 +76,7 @@ def read_recent_chunks(
             if found is not None and found.timestamp >= 0
         }
         if not todo:
-            return out
+            return collector.out
         consumer.assign(list(todo))
         for tp, start in todo.items():
             consumer.seek(tp, start)
@@ -88,42 +85,62 @@ def read_recent_chunks(
             polled = consumer.poll(timeout_ms=500)
             for tp, records in polled.items():
                 for record in records:
-                    if record.timestamp < since_ms:
-                        continue
-                    try:
-                        event = parse_knowledge_event(record.value)
-                    except BadEvent:
-                        out.unreadable += 1
-                        continue
-                    kind = event.WhichOneof("kind")
-                    if kind == "deleted":
-                        out.deleted.add(event.deleted.doc_id)
-                        versions.pop(event.deleted.doc_id, None)
-                        continue
-                    chunk = event.chunk
-                    if kind != "chunk" or not chunk.text.strip():
-                        continue  # nothing to train on
-                    if chunk.metadata.access_groups:
-                        # An adapter answers anyone closed-book: documents only some callers
-                        # may read must never become its training text.
-                        out.restricted += 1
-                        continue
-                    out.deleted.discard(chunk.doc_id)
-                    versions[chunk.doc_id] = chunk.content_hash
-                    by_id[chunk.chunk_id] = RecentChunk(
-                        chunk.chunk_id,
-                        chunk.doc_id,
-                        chunk.content_hash,
-                        chunk.title,
-                        chunk.text,
-                        record.timestamp,
-                        f"{tp.topic}:{tp.partition}:{record.offset}",
-                        chunk.chunk_index,
-                        tuple(chunk.metadata.tags),
-                    )
+                    collector.add(tp, record)
             if not polled and all(consumer.position(tp) >= ends[tp] for tp in todo):
                 break
-        out.chunks = [c for c in by_id.values() if versions.get(c.doc_id) == c.content_hash]
-        return out
+        return collector.result()
     finally:
         consumer.close()
+
+
+class _Collector:
+    """Keeps the chunks read, the deletions, and each document's last version."""
+
+    def __init__(self, since_ms: int):
+        self.since_ms = since_ms
+        self.out = RecentRead()
+        self.by_id: dict[str, RecentChunk] = {}
+        # Doc id -> content hash of its last record: a document's records share a partition
+        # (its id is the key), so the last one read is its current version.
+        self.versions: dict[str, str] = {}
+
+    def add(self, tp: TopicPartition, record: Any) -> None:
+        if record.timestamp < self.since_ms:
+            return
+        try:
+            event = parse_knowledge_event(record.value)
+        except BadEvent:
+            self.out.unreadable += 1
+            return
+        kind = event.WhichOneof("kind")
+        if kind == "deleted":
+            self.out.deleted.add(event.deleted.doc_id)
+            self.versions.pop(event.deleted.doc_id, None)
+            return
+        chunk = event.chunk
+        if kind != "chunk" or not chunk.text.strip():
+            return  # nothing to train on
+        if chunk.metadata.access_groups:
+            # An adapter answers anyone closed-book: documents only some callers may read must
+            # never become its training text.
+            self.out.restricted += 1
+            return
+        self.out.deleted.discard(chunk.doc_id)
+        self.versions[chunk.doc_id] = chunk.content_hash
+        self.by_id[chunk.chunk_id] = RecentChunk(
+            chunk.chunk_id,
+            chunk.doc_id,
+            chunk.content_hash,
+            chunk.title,
+            chunk.text,
+            record.timestamp,
+            f"{tp.topic}:{tp.partition}:{record.offset}",
+            chunk.chunk_index,
+            tuple(chunk.metadata.tags),
+        )
+
+    def result(self) -> RecentRead:
+        self.out.chunks = [
+            c for c in self.by_id.values() if self.versions.get(c.doc_id) == c.content_hash
+        ]
+        return self.out

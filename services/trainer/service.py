@@ -167,6 +167,24 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return await self.GetPolicy(trainer_pb2.GetPolicyRequest(), context)
 
 
+def recipe(settings: TrainerSettings, prompts: PromptSettings) -> Recipe:
+    """How a job's dataset is built: retrieval and context budgets as the infer service uses
+    them (its prompt settings), the rest from the trainer's."""
+    return Recipe(
+        k=prompts.infer_default_k,
+        max_context_chars=prompts.infer_max_context_chars,
+        train_context_chars=min(settings.trainer_context_chars, prompts.infer_max_context_chars),
+        with_reasons=settings.trainer_with_reasons,
+        domain_k=settings.trainer_domain_k,
+        max_documents=settings.trainer_max_documents,
+        max_recent_documents=settings.trainer_max_recent_documents,
+        replay_share=settings.trainer_replay_share,
+        eval_share=settings.trainer_eval_share,
+        seed=settings.trainer_seed,
+        concurrency=settings.trainer_retrieve_concurrency,
+    )
+
+
 async def main() -> None:
     settings = TrainerSettings()
     infer_settings = PromptSettings()
@@ -198,21 +216,7 @@ async def main() -> None:
         search,
         triton_score(llm, timeout_s=120),
         publish,
-        Recipe(
-            k=infer_settings.infer_default_k,
-            max_context_chars=infer_settings.infer_max_context_chars,
-            train_context_chars=min(
-                settings.trainer_context_chars, infer_settings.infer_max_context_chars
-            ),
-            with_reasons=settings.trainer_with_reasons,
-            domain_k=settings.trainer_domain_k,
-            max_documents=settings.trainer_max_documents,
-            max_recent_documents=settings.trainer_max_recent_documents,
-            replay_share=settings.trainer_replay_share,
-            eval_share=settings.trainer_eval_share,
-            seed=settings.trainer_seed,
-            concurrency=settings.trainer_retrieve_concurrency,
-        ),
+        recipe(settings, infer_settings),
         remembered(triton_logprobs(llm, timeout_s=120), store),
     )
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(

@@ -93,6 +93,9 @@ async def gather_limited(coros: list[Callable[[], Awaitable[Any]]], concurrency:
 
 
 async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dataset:
+    """Labelled questions and corrections with their retrieved passages, documents (domain and
+    recently ingested) as continued-pretraining text, and a replay share of the parent's
+    training set, each part described in the provenance."""
     provenance: dict[str, Any] = {}
     items: list[Item] = []
     if sources.labelled_path:
@@ -106,24 +109,10 @@ async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dat
     def retrieve(question: str, k: int) -> Callable[[], Awaitable[list[Passage]]]:
         return lambda: search(question, k)
 
-    # Labelled questions: the retrieved passages, or the item's own abstract when the knowledge
-    # base does not hold it (counted: such a prompt differs from what serving would build).
     found_for_items = await gather_limited(
         [retrieve(i.question, recipe.k) for i in items], recipe.concurrency
     )
-    examples: list[Example] = []
-    fallback = 0
-    for item, passages in zip(items, found_for_items, strict=True):
-        if not passages and item.contexts:
-            fallback += 1
-            passages = [Passage(item.id, "", "", " ".join(item.contexts))]
-        held_out = in_eval_split(f"qa:{item.id}", recipe.eval_share, recipe.seed)
-        budget = recipe.max_context_chars if held_out else recipe.train_context_chars
-        examples.append(
-            qa_example(item, passages, budget, with_reason=recipe.with_reasons and not held_out)
-        )
-    provenance["context_fallback"] = fallback
-
+    examples, provenance["context_fallback"] = _labelled_examples(items, found_for_items, recipe)
     corrections = sources.corrections
     found = await gather_limited(
         [retrieve(c.question, recipe.k) for c in corrections], recipe.concurrency
@@ -139,40 +128,19 @@ async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dat
             "count": len(corrections),
             "offsets": offset_ranges([c.offset for c in corrections]),
         }
-
     documents: dict[str, Example] = {}
     if recipe.domain_k and sources.questions:
         found = await gather_limited(
             [retrieve(q, recipe.domain_k) for q in sources.questions], recipe.concurrency
         )
-        for passages in found:
-            for p in passages:
-                key = p.chunk_id or p.doc_id
-                if len(documents) < recipe.max_documents and key not in documents:
-                    documents[key] = document_example(key, f"{p.title}\n{p.text}".strip())
+        _add_domain_documents(documents, found, recipe.max_documents)
         provenance["domain_questions"] = len(sources.questions)
     if sources.recent_since_ms and recipe.max_recent_documents:
         in_prompts = {p.doc_id for passages in found_for_items for p in passages}
-        fresh = [chunk for chunk in sources.recent if chunk.doc_id not in in_prompts]
-        fresh.sort(key=lambda chunk: chunk.timestamp_ms, reverse=True)
-        used: list[RecentChunk] = []
-        for chunk in fresh:
-            if len(used) >= recipe.max_recent_documents:
-                break
-            if chunk.chunk_id not in documents:
-                documents[chunk.chunk_id] = document_example(
-                    chunk.chunk_id, f"{chunk.title}\n{chunk.text}".strip()
-                )
-                used.append(chunk)
-        provenance["recent_documents"] = {
-            "since_ms": sources.recent_since_ms,
-            "read": len(sources.recent),
-            "in_prompts": len(sources.recent) - len(fresh),
-            "used": len(used),
-            "offsets": offset_ranges([chunk.offset for chunk in used]),
-        }
+        provenance["recent_documents"] = _add_recent_documents(
+            documents, sources, in_prompts, recipe.max_recent_documents
+        )
     examples += documents.values()
-
     replay: list[Example] = []
     parent = sources.parent_dataset
     if parent is not None and recipe.replay_share > 0:
@@ -183,6 +151,62 @@ async def build_dataset(sources: Sources, recipe: Recipe, search: Search) -> Dat
     dataset = assemble(examples, replay, recipe.eval_share, recipe.seed, provenance)
     dataset.provenance["replay_ids"] = [e.id for e in replay]
     return dataset
+
+
+def _labelled_examples(
+    items: list[Item], found: list[list[Passage]], recipe: Recipe
+) -> tuple[list[Example], int]:
+    """A prompt per labelled question with its retrieved passages, or the item's own abstract
+    when the knowledge base does not hold it (counted, the second value: such a prompt differs
+    from what serving would build)."""
+    examples: list[Example] = []
+    fallback = 0
+    for item, passages in zip(items, found, strict=True):
+        if not passages and item.contexts:
+            fallback += 1
+            passages = [Passage(item.id, "", "", " ".join(item.contexts))]
+        held_out = in_eval_split(f"qa:{item.id}", recipe.eval_share, recipe.seed)
+        budget = recipe.max_context_chars if held_out else recipe.train_context_chars
+        examples.append(
+            qa_example(item, passages, budget, with_reason=recipe.with_reasons and not held_out)
+        )
+    return examples, fallback
+
+
+def _add_domain_documents(
+    documents: dict[str, Example], found: list[list[Passage]], limit: int
+) -> None:
+    """The passages retrieved for the domain's questions, each chunk once, up to ``limit``."""
+    for passages in found:
+        for p in passages:
+            key = p.chunk_id or p.doc_id
+            if len(documents) < limit and key not in documents:
+                documents[key] = document_example(key, f"{p.title}\n{p.text}".strip())
+
+
+def _add_recent_documents(
+    documents: dict[str, Example], sources: Sources, in_prompts: set[str], limit: int
+) -> dict[str, Any]:
+    """The newest recently ingested chunks not already in a labelled prompt, up to ``limit``;
+    returns their provenance."""
+    fresh = [chunk for chunk in sources.recent if chunk.doc_id not in in_prompts]
+    fresh.sort(key=lambda chunk: chunk.timestamp_ms, reverse=True)
+    used: list[RecentChunk] = []
+    for chunk in fresh:
+        if len(used) >= limit:
+            break
+        if chunk.chunk_id not in documents:
+            documents[chunk.chunk_id] = document_example(
+                chunk.chunk_id, f"{chunk.title}\n{chunk.text}".strip()
+            )
+            used.append(chunk)
+    return {
+        "since_ms": sources.recent_since_ms,
+        "read": len(sources.recent),
+        "in_prompts": len(sources.recent) - len(fresh),
+        "used": len(used),
+        "offsets": offset_ranges([chunk.offset for chunk in used]),
+    }
 
 
 def offset_ranges(offsets: list[str]) -> dict[str, list[int]]:

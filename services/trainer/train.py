@@ -204,58 +204,9 @@ def run(job_dir: Path, emit: Emit = _stdout_emit) -> dict[str, Any]:
         if config.backend == "deepspeed"
         else _Torch(model, trainable, config, steps, bf16, ckpt_dir)
     )
-    done_micro = trainer.resume()
-    if done_micro:
-        emit({"event": "resumed", "step": done_micro // config.grad_accum, "steps": steps})
-    started = time.perf_counter()
-    tokens = 0
-    losses: list[float] = []
-    stopper = _EarlyStop.load(config, model, tokenizer, emit)
-    per_pass = micro_batch_count(len(encoded), config.micro_batch, 1.0)
-    model.train()
-    for i, (input_ids, mask, labels, real) in enumerate(
-        batches(encoded, config.micro_batch, tokenizer.pad_token_id, config.seed, config.epochs)
-    ):
-        if i < done_micro:
-            continue  # done before the checkpoint this run resumed from
-        if i >= steps * config.grad_accum:
-            break
-        with torch.autocast(
-            "cpu", dtype=torch.bfloat16, enabled=bf16 and not torch.cuda.is_available()
-        ):
-            loss = trainer.forward(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        if ewc is not None:
-            loss = loss + ewc(model)
-        trainer.backward_step(loss)
-        tokens += real
-        losses.append(float(loss.detach()))
-        if (i + 1) % config.grad_accum == 0:
-            step = (i + 1) // config.grad_accum
-            elapsed = time.perf_counter() - started
-            rate = tokens / elapsed if elapsed else 0.0
-            remaining = (steps - step) * elapsed / max(1, step - done_micro // config.grad_accum)
-            emit(
-                {
-                    "event": "progress",
-                    "step": step,
-                    "steps": steps,
-                    "loss": round(sum(losses[-config.grad_accum :]) / config.grad_accum, 5),
-                    "tokens_per_s": round(rate, 1),
-                    "eta_s": round(remaining, 1),
-                }
-            )
-            if step % config.checkpoint_every == 0 and step < steps:
-                trainer.save(i + 1)
-        last = i + 1 == steps * config.grad_accum
-        if (
-            stopper is not None
-            and ((i + 1) % per_pass == 0 or last)
-            and stopper.after_pass(math.ceil((i + 1) / per_pass))
-        ):
-            break
-    if stopper is not None:
-        stopper.keep_best()
-    elapsed = time.perf_counter() - started
+    loop = _Loop(config, model, tokenizer, trainer, steps, bf16, emit)
+    loop.ewc = ewc
+    loop.run(encoded)
     adapter_dir = job_dir / "adapter"
     model.save_pretrained(str(adapter_dir))
     general: dict[str, Any] = {}
@@ -268,6 +219,7 @@ def run(job_dir: Path, emit: Emit = _stdout_emit) -> dict[str, Any]:
             "general_tokens": config.general_tokens,
             "general_seconds": round(time.perf_counter() - t, 2),
         }
+    losses, elapsed, tokens = loop.losses, loop.elapsed, loop.tokens
     summary = {
         "event": "done",
         "adapter_dir": str(adapter_dir),
@@ -279,11 +231,93 @@ def run(job_dir: Path, emit: Emit = _stdout_emit) -> dict[str, Any]:
         "final_loss": round(sum(losses[-5:]) / max(1, len(losses[-5:])), 5) if losses else None,
         "backend": config.backend,
         "bf16": bf16,
-        **(stopper.summary() if stopper is not None else {}),
+        **(loop.stopper.summary() if loop.stopper is not None else {}),
         **general,
     }
     emit(summary)
     return summary
+
+
+class _Loop:
+    """The optimisation loop of :func:`run`: micro-batches from the checkpoint it resumes on,
+    a progress event per optimizer step, checkpoints, and the early stop on dev probes."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: Any,
+        tokenizer: Any,
+        trainer: _Backend,
+        steps: int,
+        bf16: bool,
+        emit: Emit,
+    ):
+        self.config, self.model, self.tokenizer, self.trainer = config, model, tokenizer, trainer
+        self.steps, self.bf16, self.emit = steps, bf16, emit
+        self.ewc: Callable[[Any], Any] | None = None
+        self.tokens = 0
+        self.losses: list[float] = []
+        self.elapsed = 0.0
+        self.stopper: _EarlyStop | None = None
+
+    def run(self, encoded: list[Any]) -> None:
+        import torch
+
+        config, steps = self.config, self.steps
+        done_micro = self.trainer.resume()
+        if done_micro:
+            emit_step = done_micro // config.grad_accum
+            self.emit({"event": "resumed", "step": emit_step, "steps": steps})
+        started = time.perf_counter()
+        self.stopper = _EarlyStop.load(config, self.model, self.tokenizer, self.emit)
+        per_pass = micro_batch_count(len(encoded), config.micro_batch, 1.0)
+        self.model.train()
+        pad = self.tokenizer.pad_token_id
+        for i, (input_ids, mask, labels, real) in enumerate(
+            batches(encoded, config.micro_batch, pad, config.seed, config.epochs)
+        ):
+            if i < done_micro:
+                continue  # done before the checkpoint this run resumed from
+            if i >= steps * config.grad_accum:
+                break
+            with torch.autocast(
+                "cpu", dtype=torch.bfloat16, enabled=self.bf16 and not torch.cuda.is_available()
+            ):
+                out = self.trainer.forward(input_ids=input_ids, attention_mask=mask, labels=labels)
+            loss = out.loss if self.ewc is None else out.loss + self.ewc(self.model)
+            self.trainer.backward_step(loss)
+            self.tokens += real
+            self.losses.append(float(loss.detach()))
+            if (i + 1) % config.grad_accum == 0:
+                self._stepped((i + 1) // config.grad_accum, started, done_micro, i + 1)
+            last = i + 1 == steps * config.grad_accum
+            if (
+                self.stopper is not None
+                and ((i + 1) % per_pass == 0 or last)
+                and self.stopper.after_pass(math.ceil((i + 1) / per_pass))
+            ):
+                break
+        if self.stopper is not None:
+            self.stopper.keep_best()
+        self.elapsed = time.perf_counter() - started
+
+    def _stepped(self, step: int, started: float, done_micro: int, micro: int) -> None:
+        config = self.config
+        elapsed = time.perf_counter() - started
+        rate = self.tokens / elapsed if elapsed else 0.0
+        remaining = (self.steps - step) * elapsed / max(1, step - done_micro // config.grad_accum)
+        self.emit(
+            {
+                "event": "progress",
+                "step": step,
+                "steps": self.steps,
+                "loss": round(sum(self.losses[-config.grad_accum :]) / config.grad_accum, 5),
+                "tokens_per_s": round(rate, 1),
+                "eta_s": round(remaining, 1),
+            }
+        )
+        if step % config.checkpoint_every == 0 and step < self.steps:
+            self.trainer.save(micro)
 
 
 class _EarlyStop:
