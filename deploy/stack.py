@@ -498,7 +498,8 @@ def triton_command(settings: CommonSettings, run_dir: Path) -> tuple[list[str], 
         # The services wait passively (see services/__init__.py); the LLM's torch threads do
         # better with libgomp's default (spin briefly, then sleep): measured in Triton at 8
         # concurrent requests, ~50 tok/s with PASSIVE vs 60-72 with the default or ACTIVE, and
-        # ACTIVE spins a core even when idle. An empty value means the library default.
+        # ACTIVE spins a core even when idle. An empty value means the library default (libgomp
+        # warns "Invalid value" and uses it; the inherited PASSIVE must be overridden).
         "OMP_WAIT_POLICY": os.environ.get("KS_TRITON_OMP_WAIT_POLICY", ""),
         # The stub embeds Python without PEP 538's locale coercion: under a C/POSIX locale (CI
         # has no LANG) its files would be read as ASCII and the tokenizer's UTF-8 breaks loading.

@@ -17,6 +17,7 @@ from services.cli import stubs
 from services.cli.documents import ensure_ingested
 from services.cli.knowledge import add_knowledge_command
 from services.cli.rpc import rpc_failed
+from services.common.clients import patiently
 from services.common.keys import EVAL_CALLER
 from services.common.settings import CommonSettings
 from services.trainer.evaluation import LABELS, Answer, Item, evaluate, load_items
@@ -40,17 +41,16 @@ def cmd_eval_pubmedqa(args: argparse.Namespace, settings: CommonSettings) -> int
             print(f"ingested {new} new abstracts", file=sys.stderr)
 
         def ask(item: Item) -> Answer:
-            reply = infer.Ask(
-                infer_pb2.AskRequest(
-                    question=item.question,
-                    candidates=list(LABELS),
-                    adapter=args.adapter,
-                    no_retrieval=not retrieval,
-                    k=args.k,
-                    caller=EVAL_CALLER,
-                ),
-                timeout=args.timeout,
+            request = infer_pb2.AskRequest(
+                question=item.question,
+                candidates=list(LABELS),
+                adapter=args.adapter,
+                no_retrieval=not retrieval,
+                k=args.k,
+                caller=EVAL_CALLER,
             )
+            # A batch client: shed beside live traffic (or a training job's scoring), it waits.
+            reply = patiently(lambda left: infer.Ask(request, timeout=left), args.timeout)
             return Answer(reply.answer, reply.confidence, [c.doc_id for c in reply.citations])
 
         def search(item: Item) -> list[str]:

@@ -18,8 +18,10 @@ every call, so the services a request reaches stay on its trace.
 
 from __future__ import annotations
 
+import time
 from collections import namedtuple
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +31,8 @@ from services.common.grpcserver import message_options
 from services.common.settings import CommonSettings
 from services.common.tls import channel_credentials, channel_options
 from services.common.tracing import outgoing_metadata
+
+T = TypeVar("T")
 
 _service_identity = False
 _token_override: str | None = None
@@ -189,3 +193,20 @@ def health_status(address: str, timeout_s: float = 2.0) -> str:
         except grpc.RpcError:
             return "UNREACHABLE"
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def patiently(call: Callable[[float], T], timeout_s: float) -> T:
+    """Makes a unary call (``call(seconds_left)``) again while the server sheds it
+    (RESOURCE_EXHAUSTED: the model's admission limit), with backoff, for up to ``timeout_s`` in
+    all: for batch clients, such as an evaluation, that would rather wait for room than fail
+    beside live traffic."""
+    deadline, delay = time.monotonic() + timeout_s, 0.05
+    while True:
+        try:
+            return call(max(0.001, deadline - time.monotonic()))
+        except grpc.RpcError as exc:
+            shed = isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            if not shed or time.monotonic() + delay >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 2.0)

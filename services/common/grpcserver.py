@@ -10,6 +10,7 @@ readiness check passes, and flips back when one fails (a lost broker or Redis sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
@@ -118,10 +119,12 @@ class _ObservedMethod:
                 raise _BadRequest(_bad_request_message(request.error))
             yield request
 
-    async def guard(self, call: Awaitable[Any], context: grpc.aio.ServicerContext) -> Any:
+    @contextlib.asynccontextmanager
+    async def contract(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Around a handler: an escaped error is answered by answer_error, the call timed."""
         start = time.perf_counter()
         try:
-            return await call
+            yield
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -129,22 +132,19 @@ class _ObservedMethod:
         finally:
             self.observe(start, context)
 
+    async def guard(self, call: Awaitable[Any], context: grpc.aio.ServicerContext) -> Any:
+        async with self.contract(context):
+            return await call
+
     async def guard_stream(
         self, responses: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        start = time.perf_counter()
-        try:
+        async with self.contract(context):
             if inspect.isasyncgen(responses):
                 async for item in responses:
                     yield item
             else:  # a handler that writes with context.write
                 await responses
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            await self.answer_error(exc, context)
-        finally:
-            self.observe(start, context)
 
     def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parse, serialize = _tolerant(handler.request_deserializer), handler.response_serializer
