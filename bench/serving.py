@@ -32,7 +32,7 @@ from services.cli.documents import pubmedqa_document
 from services.common.adapter_upload import upload_adapter
 from services.common.adapters import create_random_adapter
 from services.common.auth import triton_admin_headers
-from services.common.clients import sync_channel
+from services.common.clients import patiently, sync_channel
 from services.common.models import resolve_llm_dir
 from services.common.settings import CommonSettings
 
@@ -71,8 +71,11 @@ class Bench:
             nonlocal tokens, failures
             for k in range(per_client):
                 t = time.perf_counter()
+                request = make(c * per_client + k)
                 try:
-                    reply = self.infer.Ask(make(c * per_client + k), timeout=600)
+                    # Closed-loop clients wait for an answer: one shed (more clients than the
+                    # model holds, as with batching off) is sent again.
+                    reply = patiently(lambda left, r=request: self.infer.Ask(r, timeout=left), 600)
                 except grpc.RpcError as exc:
                     log(f"request failed: {exc.code().name} {exc.details()}")
                     with lock:
