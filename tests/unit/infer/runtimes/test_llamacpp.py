@@ -191,13 +191,3 @@ def test_a_split_runtime_scores_on_its_scoring_weights_and_generates_on_the_othe
     assert set(split.runtime.generator.adapters) == set(split.runtime.scorer.adapters) == {a, b}  # type: ignore[attr-defined]
     split.unload_adapter(a)
     assert a not in split.runtime.scorer.adapters  # type: ignore[attr-defined]
-
-
-def test_one_token_steps_use_the_thread_count_timed_fastest_at_load(engine):
-    runtime = engine.runtime
-    lib = runtime.lib
-    assert lib.llama_n_threads(runtime.ctx) in (1, 2)  # the faster of the two (decode_threads=0)
-    assert lib.llama_n_threads_batch(runtime.ctx) == 2
-    # The timing's sequence is given back, its cells freed.
-    assert sorted(runtime.free_seqs) == list(range(16))
-    assert lib.llama_memory_seq_pos_max(runtime.memory, 0) == -1
