@@ -72,10 +72,14 @@ class Bench:
             for k in range(per_client):
                 t = time.perf_counter()
                 request = make(c * per_client + k)
+
+                def ask(left: float, r: infer_pb2.AskRequest = request) -> infer_pb2.AskResponse:
+                    return self.infer.Ask(r, timeout=left)
+
                 try:
                     # Closed-loop clients wait for an answer: one shed (more clients than the
                     # model holds, as with batching off) is sent again.
-                    reply = patiently(lambda left, r=request: self.infer.Ask(r, timeout=left), 600)
+                    reply = patiently(ask, 600)
                 except grpc.RpcError as exc:
                     log(f"request failed: {exc.code().name} {exc.details()}")
                     with lock:
