@@ -78,12 +78,6 @@ def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
 
 
-def window_json(w: events_pb2.DriftWindow) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        w, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
 def cmd_status(args: argparse.Namespace, settings: CommonSettings) -> int:
     try:
         status = _monitor(settings).GetDriftStatus(

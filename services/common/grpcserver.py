@@ -271,9 +271,6 @@ class GrpcApp:
             log.error("background task %s failed: %r; stopping", task.get_name(), exc, exc_info=exc)
             self._stopping.set()
 
-    def request_stop(self) -> None:
-        self._stopping.set()
-
     async def _set_status(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
