@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.auth import load_tokens
 from services.common.grpcserver import message_options
+from services.common.retry import ShedBackoff
 from services.common.settings import CommonSettings
 from services.common.tls import channel_credentials, channel_options
 from services.common.tracing import outgoing_metadata
@@ -200,13 +201,13 @@ def patiently(call: Callable[[float], T], timeout_s: float) -> T:
     (RESOURCE_EXHAUSTED: the model's admission limit), with backoff, for up to ``timeout_s`` in
     all: for batch clients, such as an evaluation, that would rather wait for room than fail
     beside live traffic."""
-    deadline, delay = time.monotonic() + timeout_s, 0.05
+    backoff = ShedBackoff(timeout_s)
     while True:
         try:
-            return call(max(0.001, deadline - time.monotonic()))
+            return call(backoff.left())
         except grpc.RpcError as exc:
             shed = isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            if not shed or time.monotonic() + delay >= deadline:
+            wait = backoff.next_wait() if shed else None
+            if wait is None:
                 raise
-        time.sleep(delay)
-        delay = min(2 * delay, 2.0)
+        time.sleep(wait)

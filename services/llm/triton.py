@@ -27,6 +27,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.retry import ShedBackoff
 from services.llm.llm import OVERLOADED, LLMRequest, LLMResult
 
 
@@ -207,16 +208,15 @@ class TritonLLM:
         """One whole answer. ``patient``: a shed request is sent again (with backoff, within
         ``timeout_s``) instead of failing; for background work, such as the trainer's scoring,
         that would rather wait for room than be refused beside live traffic."""
-        start = time.perf_counter()
-        deadline, delay = start + timeout_s, 0.05
+        backoff = ShedBackoff(timeout_s)
         while True:
             try:
-                return await self._generate_once(request, deadline - time.perf_counter(), priority)
+                return await self._generate_once(request, backoff.left(), priority)
             except TritonOverloaded:
-                if not patient or time.perf_counter() + delay >= deadline:
+                wait = backoff.next_wait() if patient else None
+                if wait is None:
                     raise
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 2.0)
+            await asyncio.sleep(wait)
 
     async def _generate_once(
         self, request: LLMRequest, timeout_s: float, priority: int
