@@ -207,17 +207,23 @@ def _secret() -> str:
     return "ks_" + secrets.token_urlsafe(32)
 
 
-def ensure_tokens_file(path: Path) -> bool:
-    """Writes a new token set to ``path`` (mode 0600) unless one is there; True when written.
-    Created exclusively, so two `make up` at once cannot both write (and disagree)."""
+def create_secret_file(path: Path, text: str) -> bool:
+    """Writes ``text`` to a new file at ``path``, mode 0600 from the start; False (and nothing
+    written) when one is there. Created exclusively, so two `make up` at once cannot both write
+    (and disagree)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        f.write(new_token_set().to_json() + "\n")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
     return True
+
+
+def ensure_tokens_file(path: Path) -> bool:
+    """Writes a new token set to ``path`` (mode 0600) unless one is there; True when written."""
+    return create_secret_file(path, new_token_set().to_json() + "\n")
 
 
 def bearer(metadata: object) -> str:
@@ -255,14 +261,8 @@ def ensure_triton_admin_key(settings: CommonSettings) -> str:
     key = triton_admin_key(settings)
     if key:
         return key
-    path = settings.run_dir / TRITON_ADMIN_KEY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another `make up` wrote it meanwhile
-        return path.read_text(encoding="utf-8").strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
+    # Another `make up` may write it meanwhile: what is in the file then wins.
+    create_secret_file(settings.run_dir / TRITON_ADMIN_KEY_FILE, secrets.token_urlsafe(32) + "\n")
     return triton_admin_key(settings)
 
 

@@ -16,7 +16,7 @@ from deploy.stack import Stack
 from knowstream.events.v1 import events_pb2
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
-from services.common.auth import Role, Token, TokenSet, new_token_set
+from services.common.auth import Role, Token, TokenSet, create_secret_file, new_token_set
 from services.common.clients import sync_channel
 
 # A reader that may also read documents of the "oncology" access group (test_auth.py).
@@ -99,9 +99,7 @@ def stack(tmp_path_factory, pubmedqa):
     extra = Token(
         GROUP_READER, Role.READER, "ks_oncologist_" + os.urandom(16).hex(), frozenset({"oncology"})
     )
-    fd = os.open(run_dir / "tokens.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(TokenSet([*tokens, extra]).to_json())
+    assert create_secret_file(run_dir / "tokens.json", TokenSet([*tokens, extra]).to_json())
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the clients in the tests read the same settings
     s = Stack(run_dir, env)
