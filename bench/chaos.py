@@ -39,13 +39,13 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
-from bench.common import DEFAULT_DATA, load_pubmedqa
+from bench.common import DEFAULT_DATA, chunk_hits, load_pubmedqa
 from deploy.stack import Stack
 from knowstream.events.v1 import events_pb2
 from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
-from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
+from knowstream.retrieve.v1 import retrieve_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.clients import sync_channel
 
@@ -140,27 +140,15 @@ def index_state(stack: Stack, expected: dict[str, int]) -> tuple[set[str], set[s
     with a chunk twice or chunks beyond their count (another version's)."""
     address = stack.settings.address(stack.settings.retrieve_port)
     retrieve = retrieve_pb2_grpc.RetrieveServiceStub(sync_channel(address))
-    ids = sorted(expected)
     indexed, duplicated = set(), set()
-    for start in range(0, len(ids), 20):  # 20 documents of a few chunks each fit in k=100
-        part = ids[start : start + 20]
-        reply = retrieve.Search(
-            retrieve_pb2.SearchRequest(
-                query="document",
-                k=100,
-                mode=retrieve_pb2.SEARCH_MODE_DENSE,
-                filters=retrieve_pb2.SearchFilters(doc_ids=part),
-            ),
-            timeout=15,
-        )
-        chunks: dict[str, list[str]] = {}
-        for hit in reply.hits:
-            chunks.setdefault(hit.doc_id, []).append(hit.chunk_id)
-        for doc_id, found in chunks.items():
-            if len(found) != len(set(found)) or len(set(found)) > expected[doc_id]:
-                duplicated.add(doc_id)
-            elif len(found) == expected[doc_id]:
-                indexed.add(doc_id)
+    chunks = chunk_hits(
+        retrieve, sorted(expected)
+    )  # 20 documents of a few chunks: k=100 holds them
+    for doc_id, found in chunks.items():
+        if len(found) != len(set(found)) or len(set(found)) > expected[doc_id]:
+            duplicated.add(doc_id)
+        elif len(found) == expected[doc_id]:
+            indexed.add(doc_id)
     return indexed, duplicated
 
 

@@ -43,19 +43,27 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def searchable(retrieve, doc_ids: list[str]) -> set[str]:  # type: ignore[no-untyped-def]
-    """Which of these documents Search returns now (dense, exact scan over the filter)."""
-    found: set[str] = set()
-    for i in range(0, len(doc_ids), 40):
-        part = doc_ids[i : i + 40]
+def chunk_hits(  # type: ignore[no-untyped-def]
+    retrieve, doc_ids: list[str], per_call: int = 20, timeout_s: float = 15
+) -> dict[str, list[str]]:
+    """The chunk ids Search returns now for each of these documents (dense, an exact scan over
+    the doc-id filter), ``per_call`` documents a call so that their chunks fit in k=100."""
+    chunks: dict[str, list[str]] = {}
+    for i in range(0, len(doc_ids), per_call):
         reply = retrieve.Search(
             retrieve_pb2.SearchRequest(
                 query="document",
                 k=100,
                 mode=retrieve_pb2.SEARCH_MODE_DENSE,
-                filters=retrieve_pb2.SearchFilters(doc_ids=part),
+                filters=retrieve_pb2.SearchFilters(doc_ids=doc_ids[i : i + per_call]),
             ),
-            timeout=10,
+            timeout=timeout_s,
         )
-        found.update(h.doc_id for h in reply.hits)
-    return found
+        for hit in reply.hits:
+            chunks.setdefault(hit.doc_id, []).append(hit.chunk_id)
+    return chunks
+
+
+def searchable(retrieve, doc_ids: list[str]) -> set[str]:  # type: ignore[no-untyped-def]
+    """Which of these documents Search returns now."""
+    return set(chunk_hits(retrieve, doc_ids, per_call=40, timeout_s=10))
