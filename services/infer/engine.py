@@ -15,7 +15,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,7 +400,11 @@ class Scheduler:
         # has at capacity however much more is offered.
         self.max_waiting = max(0, self.max_batch // 4 if max_waiting is None else max_waiting)
         self._pruned_at = 0.0
-        self._admitting = 0  # taken from the backlog, not yet rows (see _admit_waiting)
+        # Requests try_submit accepted and not yet answered: counted, not derived from the
+        # queues, because a request moving between them (job queue, backlog, prefill, rows)
+        # would be missed or counted twice by a reader on another thread.
+        self._held = 0
+        self._held_lock = threading.Lock()
         self.jobs: queue.Queue[tuple[str, Any, Any]] = queue.Queue()
         # Generation requests waiting for a slot, with their arrival time.
         self.backlog: deque[tuple[LLMRequest, Callable[[LLMResult], None], float]] = deque()
@@ -411,23 +416,33 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, request: LLMRequest, on_done: Callable[[LLMResult], None]) -> None:
-        self.jobs.put(("llm", request, on_done))
+        # Answered once: a failed step answers every request it had taken (see _failing) and
+        # some of them may have been answered already.
+        self.jobs.put(("llm", request, _once(on_done)))
 
     def waiting(self) -> int:
         return self.jobs.qsize() + len(self.backlog)
 
     def held(self) -> int:
-        """Requests running, being prefilled or waiting. (Read from another thread: one moving
-        from the job queue to the backlog may be missed for an instant; one being prefilled
-        is counted twice for a moment, never missed: a prefill of 8 takes ~0.3 s.)"""
-        return len(self.batch.rows) + self._admitting + self.waiting()
+        """Requests accepted by try_submit and not yet answered (running, being prefilled or
+        waiting)."""
+        return self._held
 
     def try_submit(self, request: LLMRequest, on_done: Callable[[LLMResult], None]) -> bool:
         """Queues ``request`` unless a full batch and ``max_waiting`` more are held already
-        (False: the caller sheds it). One caller submits (Triton's execute)."""
-        if self.held() >= self.max_batch + self.max_waiting:
-            return False
-        self.submit(request, on_done)
+        (False: the caller sheds it)."""
+        with self._held_lock:
+            if self._held >= self.max_batch + self.max_waiting:
+                return False
+            self._held += 1
+
+        def answered(result: LLMResult) -> None:  # called once (submit)
+            # Released before the caller hears: its next request may arrive at once.
+            with self._held_lock:
+                self._held -= 1
+            on_done(result)
+
+        self.submit(request, answered)
         return True
 
     def _prune(self, every_s: float = 0.1) -> None:
@@ -465,7 +480,7 @@ class Scheduler:
             except Exception as exc:  # fail the requests in flight, keep serving
                 log.exception("scheduler step failed")
                 for row in self.batch.rows:
-                    row.result.error = f"{type(exc).__name__}: {exc}"
+                    row.result.error = _failure(exc)
                     row.on_done(row.result)
                 try:  # frees the failed rows' cache (llama.cpp sequences are a fixed pool)
                     self.batch.state.keep([])
@@ -535,53 +550,81 @@ class Scheduler:
                     self.batch.step()
                     self.stats.record("step", time.perf_counter() - start, rows)
                 return
-            try:
-                self._admit_waiting()
-            finally:
-                self._admitting = 0
+            self._admit_waiting()
 
     def _admit_waiting(self) -> None:
-        """Prefills waiting requests into the free slots. Those taken from the backlog are
-        counted in ``_admitting`` until they are rows (held() stays exact during a prefill)."""
+        """Prefills waiting requests into the free slots."""
         admitted: list[tuple[LLMRequest, list[int], LLMResult]] = []
         callbacks: list[Callable[[LLMResult], None]] = []
+        taken: list[tuple[LLMRequest, Callable[[LLMResult], None]]] = []
         in_use = {row.request.adapter for row in self.batch.rows}
-        while self.backlog and len(self.batch.rows) + len(admitted) < self.max_batch:
-            self._admitting = len(admitted) + 1
-            request, on_done, _ = self.backlog.popleft()
-            if _cancelled(request):  # its caller went away while it waited
-                on_done(_cancelled_result(request))
-                continue
-            ids, result = self.engine.prepare(request, frozenset(in_use))
-            if ids is None:
-                on_done(result)
-                continue
-            in_use.add(request.adapter)
-            admitted.append((request, ids, result))
-            callbacks.append(on_done)
-        self._admitting = len(admitted)
-        if admitted:
-            start = time.perf_counter()
-            self.batch.admit(admitted, callbacks)
-            self.stats.record("prefill", time.perf_counter() - start, len(admitted))
+        with _failing(taken):
+            while self.backlog and len(self.batch.rows) + len(admitted) < self.max_batch:
+                request, on_done, _ = self.backlog.popleft()
+                taken.append((request, on_done))
+                if _cancelled(request):  # its caller went away while it waited
+                    on_done(_cancelled_result(request))
+                    continue
+                ids, result = self.engine.prepare(request, frozenset(in_use))
+                if ids is None:
+                    on_done(result)
+                    continue
+                in_use.add(request.adapter)
+                admitted.append((request, ids, result))
+                callbacks.append(on_done)
+            if admitted:
+                start = time.perf_counter()
+                self.batch.admit(admitted, callbacks)
+                self.stats.record("prefill", time.perf_counter() - start, len(admitted))
 
     def _score(self, jobs: list[tuple[LLMRequest, Callable[[LLMResult], None]]]) -> None:
         in_use = frozenset(row.request.adapter for row in self.batch.rows)
         ready: list[tuple[LLMRequest, list[int], LLMResult, Callable[[LLMResult], None]]] = []
-        for request, on_done in jobs:
-            if _cancelled(request):
-                on_done(_cancelled_result(request))
-                continue
-            ids, result = self.engine.prepare(request, in_use)
-            if ids is None:
-                on_done(result)
-            else:
-                ready.append((request, ids, result, on_done))
-        for start in range(0, len(ready), self.max_batch):
-            part = ready[start : start + self.max_batch]
-            self.engine._score([p[0] for p in part], [p[1] for p in part], [p[2] for p in part])
-            for _, _, result, on_done in part:
-                on_done(result)
+        with _failing(jobs):
+            for request, on_done in jobs:
+                if _cancelled(request):
+                    on_done(_cancelled_result(request))
+                    continue
+                ids, result = self.engine.prepare(request, in_use)
+                if ids is None:
+                    on_done(result)
+                else:
+                    ready.append((request, ids, result, on_done))
+            for start in range(0, len(ready), self.max_batch):
+                part = ready[start : start + self.max_batch]
+                self.engine._score([p[0] for p in part], [p[1] for p in part], [p[2] for p in part])
+                for _, _, result, on_done in part:
+                    on_done(result)
+
+
+@contextmanager
+def _failing(taken: list[tuple[LLMRequest, Callable[[LLMResult], None]]]) -> Iterator[None]:
+    """Answers every request in ``taken`` with the error a failed step raises (those answered
+    already are skipped: callbacks are once-only) and lets it propagate; the requests already
+    rows are answered by the scheduler loop. A request taken from the queues and dropped would
+    wait for ever and hold its place in the admission count."""
+    try:
+        yield
+    except Exception as exc:
+        for request, on_done in taken:
+            on_done(LLMResult(adapter=request.adapter, finish_reason="error", error=_failure(exc)))
+        raise
+
+
+def _failure(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _once(on_done: Callable[[LLMResult], None]) -> Callable[[LLMResult], None]:
+    answered = False
+
+    def answer(result: LLMResult) -> None:
+        nonlocal answered
+        if not answered:  # one thread answers: the scheduler's
+            answered = True
+            on_done(result)
+
+    return answer
 
 
 def _cancelled(request: LLMRequest) -> bool:

@@ -382,7 +382,9 @@ def test_rollout_errors(admin):
 
 def test_a_burst_beyond_the_models_room_is_shed_and_the_rest_answered(infer):
     # 40 at once, against a batch of 8 and 2 more held (KS_ENGINE_MAX_WAITING): the excess is
-    # refused with RESOURCE_EXHAUSTED, never queued behind the admitted ones.
+    # refused with RESOURCE_EXHAUSTED, never queued behind the admitted ones. On a busy machine
+    # Triton's own queue (16, the second line) may refuse some before execute() takes them;
+    # the model still sees more than it may hold, so its own limit refuses some too.
     request = infer_pb2.AskRequest(
         question="Is aspirin an analgesic?", no_retrieval=True, max_tokens=24, ignore_eos=True
     )
@@ -397,7 +399,8 @@ def test_a_burst_beyond_the_models_room_is_shed_and_the_rest_answered(infer):
     assert 8 <= answered < 40 and shed, (answered, shed[:3])
     for code, details in shed:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
-        assert "overloaded, retry later" in details and "admission limit" in details
+        assert "overloaded, retry later" in details, details
+    assert any("admission limit" in details for _, details in shed), shed[:3]
     assert infer.Ask(quick(), timeout=60).answer in YES_NO_MAYBE  # and it serves again
 
 

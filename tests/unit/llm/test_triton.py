@@ -58,7 +58,7 @@ def _until(condition, timeout_s: float = 60) -> None:  # type: ignore[no-untyped
 
 def test_the_scheduler_refuses_a_request_beyond_its_waiting_room(engine):
     scheduler = Scheduler(engine, max_batch=1, max_waiting=1)
-    gate, finished = threading.Event(), threading.Event()
+    gate, one_answered, four_answered = threading.Event(), threading.Event(), threading.Event()
 
     def held() -> bool:  # polled by the scheduler thread: holds it until the gate opens
         gate.wait()
@@ -66,17 +66,57 @@ def test_the_scheduler_refuses_a_request_beyond_its_waiting_room(engine):
 
     try:
         first = LLMRequest("one", max_new_tokens=8, ignore_eos=True, is_cancelled=held)
-        assert scheduler.try_submit(first, lambda r: None)
-        _until(lambda: scheduler.waiting() == 0)  # "one" runs
+        assert scheduler.try_submit(first, lambda r: one_answered.set())
+        _until(lambda: scheduler.waiting() == 0)  # "one" is taken (held at its prefill)
         assert scheduler.try_submit(LLMRequest("two", max_new_tokens=2), lambda r: None)
-        # One running (held), one waiting: the room is full, what model.execute() sheds.
+        # One taken, one waiting: the room is full, what model.execute() sheds.
+        assert scheduler.held() == 2
         assert not scheduler.try_submit(LLMRequest("three", max_new_tokens=2), lambda r: None)
         gate.set()
-        _until(lambda: scheduler.waiting() == 0)
-        assert scheduler.try_submit(LLMRequest("four", max_new_tokens=2), lambda r: finished.set())
-        assert finished.wait(60)
+        # "one" leaves the count before its caller hears: a place is free when it does.
+        assert one_answered.wait(60)
+        assert scheduler.try_submit(
+            LLMRequest("four", max_new_tokens=2), lambda r: four_answered.set()
+        )
+        assert four_answered.wait(60)
+        _until(lambda: scheduler.held() == 0)
     finally:
         gate.set()
+        scheduler.stop()
+
+
+@pytest.mark.parametrize("candidates", [[], ["yes", "no"]], ids=["generation", "scoring"])
+def test_a_failed_step_answers_what_it_had_taken_and_frees_its_place(
+    engine, monkeypatch, candidates
+):
+    scheduler = Scheduler(engine, max_batch=2, max_waiting=0)
+    prepare = engine.prepare
+
+    def failing(request, pinned=frozenset()):  # type: ignore[no-untyped-def]
+        if request.prompt == "boom":
+            raise RuntimeError("the disk went away")
+        return prepare(request, pinned)
+
+    monkeypatch.setattr(engine, "prepare", failing)
+    answers: list[LLMResult] = []
+    answered = threading.Event()
+
+    def record(result: LLMResult) -> None:
+        answers.append(result)
+        answered.set()
+
+    try:
+        assert scheduler.try_submit(LLMRequest("boom", candidates=candidates), record)
+        assert answered.wait(60)
+        assert answers[0].error == "RuntimeError: the disk went away", answers
+        _until(lambda: scheduler.held() == 0)
+        answered.clear()
+        assert scheduler.try_submit(
+            LLMRequest("fine", max_new_tokens=2, candidates=candidates), record
+        )
+        assert answered.wait(60)
+        assert not answers[1].error and len(answers) == 2
+    finally:
         scheduler.stop()
 
 
