@@ -11,6 +11,7 @@ import numpy as np
 from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
 from services.common.consumer import attach_stream
 from services.common.embedding import Embedder
+from services.common.errors import InvalidArgument
 from services.common.grpcserver import service_app
 from services.common.kafka import make_producer
 from services.common.net import kafka_alive
@@ -31,14 +32,11 @@ class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
     ) -> embed_pb2.EmbedResponse:
         texts = list(request.texts)
         if not texts:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no texts to embed")
+            raise InvalidArgument("no texts to embed")
         if len(texts) > self.max_texts:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{len(texts)} texts; the limit is {self.max_texts}",
-            )
+            raise InvalidArgument(f"{len(texts)} texts; the limit is {self.max_texts}")
         if any(not t.strip() for t in texts):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty text in the request")
+            raise InvalidArgument("empty text in the request")
         vectors = await asyncio.to_thread(self.embedder.embed, texts)
         return embed_pb2.EmbedResponse(
             embeddings=[embed_pb2.Embedding(values=v.tolist()) for v in vectors],

@@ -22,6 +22,7 @@ from services.common.adapters import (
     RolloutError,
 )
 from services.common.auth import caller
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.kafka import new_header
 from services.infer.answerer import Answerer
 from services.infer.settings import InferSettings
@@ -66,7 +67,7 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
         # What Triton said it holds, from its last control reply.
         self.known_loaded: set[str] = set()
 
-    async def _resolve(self, name: str, context: grpc.aio.ServicerContext) -> str:
+    async def _resolve(self, name: str) -> str:
         return await self.registry.resolve(name)  # UnknownAdapter: NOT_FOUND
 
     async def _loaded(self) -> set[str]:
@@ -138,12 +139,12 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
     async def GetAdapter(
         self, request: infer_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext
     ) -> infer_pb2.AdapterStatus:
-        adapter_id = await self._resolve(request.adapter, context)
+        adapter_id = await self._resolve(request.adapter)
         if adapter_id == BASE:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "'base' is the model itself")
+            raise InvalidArgument("'base' is the model itself")
         info = await self.registry.get(adapter_id)
         if info is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown adapter {adapter_id}")
+            raise NotFound(f"unknown adapter {adapter_id}")
         assert info is not None
         return self._status(info, await self.registry.rollout(), await self._loaded())
 
@@ -189,8 +190,7 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
                 lineage={"registered_by": caller()},
             )
         except ValueError as exc:  # ImportPathError, AdapterRejected
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise
+            raise InvalidArgument(str(exc)) from exc
         finally:
             await asyncio.to_thread(remove_staging, staging)
         if new:
@@ -203,7 +203,7 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
     async def LoadAdapter(
         self, request: infer_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> infer_pb2.LoadAdapterResponse:
-        adapter_id = await self._resolve(request.adapter, context)
+        adapter_id = await self._resolve(request.adapter)
         reply = await self._load(adapter_id, context, force=True)
         self._event("loaded", adapter_id, None)
         return infer_pb2.LoadAdapterResponse(
@@ -213,13 +213,11 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
     async def UnloadAdapter(
         self, request: infer_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> infer_pb2.LoadAdapterResponse:
-        adapter_id = await self._resolve(request.adapter, context)
+        adapter_id = await self._resolve(request.adapter)
         r = await self.registry.rollout()
         if adapter_id in (r.live, r.candidate):
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{adapter_id} is {' and '.join(_aliases(adapter_id, r))}; "
-                "change the rollout first",
+            raise FailedPrecondition(
+                f"{adapter_id} is {' and '.join(_aliases(adapter_id, r))}; change the rollout first"
             )
         reply = await self.llm.control("unload", adapter_id)  # or TritonUnavailable
         self.known_loaded = set(reply.get("loaded", []))
@@ -232,12 +230,10 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
         mode = request.mode or "off"
         previous = await self.registry.rollout()
         if mode not in MODES:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"mode must be one of {', '.join(MODES)}"
-            )
+            raise InvalidArgument(f"mode must be one of {', '.join(MODES)}")
         adapter_id = ""
         if mode != "off":
-            adapter_id = await self._resolve(request.adapter, context)
+            adapter_id = await self._resolve(request.adapter)
             await self._load(adapter_id, context)  # before any traffic is sent to it
         share = request.share if request.HasField("share") else None
         try:
@@ -248,7 +244,7 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
                 canary_share=share if mode == "canary" else None,
             )
         except RolloutError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise InvalidArgument(str(exc)) from exc
         r = await self.registry.rollout()
         if mode == "off" and previous.candidate and request.reason:
             # A candidate turned off with a reason (the rollout policy, or a person) is retired.
@@ -261,11 +257,9 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
         self, request: infer_pb2.PromoteRequest, context: grpc.aio.ServicerContext
     ) -> infer_pb2.RolloutState:
         current = await self.registry.rollout()
-        target = await self._resolve(request.adapter, context) if request.adapter else ""
+        target = await self._resolve(request.adapter) if request.adapter else ""
         if not target and not current.candidate:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "no candidate to promote; name an adapter"
-            )
+            raise FailedPrecondition("no candidate to promote; name an adapter")
         # Load first: the flip itself is one Redis write, and the first request after it must
         # not wait for weights.
         await self._load(target or current.candidate, context)
@@ -279,7 +273,7 @@ class AdapterAdminServicer(infer_pb2_grpc.AdapterAdminServiceServicer):
     ) -> infer_pb2.RolloutState:
         current = await self.registry.rollout()
         if not current.history:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "nothing to roll back to")
+            raise FailedPrecondition("nothing to roll back to")
         await self._load(current.history[0], context)
         await self.registry.rollback()  # RolloutError: FAILED_PRECONDITION
         r = await self.registry.rollout()

@@ -13,6 +13,7 @@ from aiokafka import ConsumerRecord
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.common import redisutil
 from services.common.consumer import Rejects, StreamConsumer, attach_stream, is_transient
+from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.grpcserver import service_app
 from services.common.kafka import BadEvent, make_producer, now_ms
 from services.common.logprobe import LogProbe
@@ -46,14 +47,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, docs: Sequence[ingest_pb2.Document], context: grpc.aio.ServicerContext
     ) -> ingest_pb2.IngestDocumentsResponse:
         if not docs:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no documents in the request")
+            raise InvalidArgument("no documents in the request")
         results = await self._pipeline_ingest([RawInput.from_proto(d) for d in docs], context)
         reply = summarize(results)
         if reply.rejected == len(results):
             errors = "; ".join(r.error for r in results[:5])
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"no valid document in the request: {errors}"
-            )
+            raise InvalidArgument(f"no valid document in the request: {errors}")
         return reply
 
     async def _pipeline_ingest(
@@ -66,19 +65,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 raise
             # Nothing was acknowledged: the client may retry (a version already recorded is
             # published again, never lost). UNAVAILABLE says so; INTERNAL would not.
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"Redis or the broker is unavailable: {exc!r}"
-            )
-            raise
+            raise Unavailable(f"Redis or the broker is unavailable: {exc!r}") from exc
 
     async def IngestDocuments(
         self, request: ingest_pb2.IngestDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.IngestDocumentsResponse:
         if len(request.documents) > self.max_batch:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidArgument(
                 f"{len(request.documents)} documents in one call; the limit is {self.max_batch} "
-                "(use IngestDocumentStream for more)",
+                "(use IngestDocumentStream for more)"
             )
         return await self._ingest(request.documents, context)
 
@@ -101,16 +96,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         if batch:
             await flush()
         if not results:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no documents in the stream")
+            raise InvalidArgument("no documents in the stream")
         return summarize(results)
 
     async def DeleteDocument(
         self, request: ingest_pb2.DeleteDocumentRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.DeleteDocumentResponse:
         if not request.id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "document id is required")
+            raise InvalidArgument("document id is required")
         if not await self.pipeline.delete(request.id, trace_id_of(context)):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.id!r} not found")
+            raise NotFound(f"document {request.id!r} not found")
         return ingest_pb2.DeleteDocumentResponse(id=request.id)
 
     async def GetDocument(
@@ -118,8 +113,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.DocumentInfo:
         found = await self.pipeline.registry.get(request.id)
         if found is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"document {request.id!r} not found")
-        assert found is not None
+            raise NotFound(f"document {request.id!r} not found")
         content_hash, chunks, at_ms = found
         return ingest_pb2.DocumentInfo(
             id=request.id, content_hash=content_hash, chunk_count=chunks, accepted_at_ms=at_ms
@@ -129,9 +123,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.GetIndexingRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.GetIndexingResponse:
         if len(request.ids) > MAX_INDEXING_IDS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{len(request.ids)} ids in one call; the limit is {MAX_INDEXING_IDS}",
+            raise InvalidArgument(
+                f"{len(request.ids)} ids in one call; the limit is {MAX_INDEXING_IDS}"
             )
         known = await self.pipeline.registry.known(list(request.ids))
         return ingest_pb2.GetIndexingResponse(

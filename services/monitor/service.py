@@ -17,6 +17,7 @@ from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from services.common.adapters import AdapterRegistry
 from services.common.clients import channel
 from services.common.consumer import Rejects, StreamConsumer, attach_stream
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.common.grpcserver import service_app
 from services.common.kafka import BadEvent, make_producer
 from services.common.metrics import EVENTS_PRODUCED
@@ -159,64 +160,56 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
         limit = self.settings.monitor_log_max
         entries: list[LogEntry] = []
         if source is None:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "name a source: time_range, texts, adapter or recent",
-            )
+            raise InvalidArgument("name a source: time_range, texts, adapter or recent")
         elif source == "time_range":
             r = request.time_range
             if r.to_ms and r.to_ms <= r.from_ms:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, "time_range: to_ms must be after from_ms"
-                )
+                raise InvalidArgument("time_range: to_ms must be after from_ms")
             entries = await self.monitor.store.entries_between(r.from_ms, r.to_ms, limit)
         elif source == "recent":
             if request.recent == 0:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "recent must be > 0")
+                raise InvalidArgument("recent must be > 0")
             entries = await self.monitor.store.latest_entries(min(request.recent, limit))
         if entries:
             embeddings = np.stack([e.embedding for e in entries])
             texts = [e.question for e in entries]
         elif source in ("time_range", "recent"):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the monitor holds no questions for that {source.replace('_', ' ')}",
+            raise InvalidArgument(
+                f"the monitor holds no questions for that {source.replace('_', ' ')}"
             )
         else:
-            texts = await self._texts(request, source, context)
-            embeddings = await self._embed(texts, context)
+            texts = await self._texts(request, source)
+            embeddings = await self._embed(texts)
         try:
             info = await self.monitor.set_reference(
                 embeddings, texts, source, request.description, request.restart_windows
             )
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise InvalidArgument(str(exc)) from exc
         # Questions already waiting may fill windows against the new reference now.
         await self.monitor.advance()
         return reference_info(info)
 
-    async def _texts(self, request: Any, source: str, context: Any) -> list[str]:
+    async def _texts(self, request: Any, source: str) -> list[str]:
         if source == "texts":
             texts = [t for t in request.texts.texts]
             if any(not t.strip() for t in texts):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty text in texts")
+                raise InvalidArgument("empty text in texts")
         else:
             adapter = await self.registry.resolve(request.adapter or "live")  # or NotFound
             texts = await self.registry.training_questions(adapter, MAX_REFERENCE_TEXTS)
             if not texts:
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
+                raise FailedPrecondition(
                     f"adapter {adapter} has no recorded training questions (the trainer "
-                    "records them for the adapters it trains)",
+                    "records them for the adapters it trains)"
                 )
         if len(texts) > MAX_REFERENCE_TEXTS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{len(texts)} texts; a reference takes at most {MAX_REFERENCE_TEXTS}",
+            raise InvalidArgument(
+                f"{len(texts)} texts; a reference takes at most {MAX_REFERENCE_TEXTS}"
             )
         return texts
 
-    async def _embed(self, texts: list[str], context: Any) -> np.ndarray:
+    async def _embed(self, texts: list[str]) -> np.ndarray:
         vectors: list[Any] = []
         for i in range(0, len(texts), EMBED_BATCH):
             try:
@@ -226,17 +219,14 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServiceServicer):
                 )
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                await context.abort(
-                    code
-                    if code == grpc.StatusCode.INVALID_ARGUMENT
-                    else grpc.StatusCode.UNAVAILABLE,
-                    f"embedding the reference texts failed: {code.name}: {exc.details()}",
-                )
+                message = f"embedding the reference texts failed: {code.name}: {exc.details()}"
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(message) from exc
+                raise Unavailable(message) from exc
             if reply.model != self.settings.embed_model:
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
+                raise FailedPrecondition(
                     f"the embed service runs {reply.model!r}; the monitor compares "
-                    f"{self.settings.embed_model!r} embeddings",
+                    f"{self.settings.embed_model!r} embeddings"
                 )
             vectors.extend(e.values for e in reply.embeddings)
         return np.asarray(vectors, dtype=np.float32)

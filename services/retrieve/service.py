@@ -20,6 +20,7 @@ from services.common.access import narrow
 from services.common.auth import caller_scope
 from services.common.consumer import Handler, StreamConsumer, attach_stream
 from services.common.embedding import Embedder
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.grpcserver import service_app
 from services.common.kafka import make_producer
 from services.common.net import kafka_alive
@@ -98,29 +99,25 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
     def attach(self, indexer: Indexer) -> None:
         self._indexer = indexer
 
-    async def _ready(self, context: grpc.aio.ServicerContext) -> Indexer:
+    async def _ready(self) -> Indexer:
         if self._indexer is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the index is still loading")
-        assert self._indexer is not None
+            raise Unavailable("the index is still loading")
         return self._indexer
 
     async def Search(
         self, request: retrieve_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> retrieve_pb2.SearchResponse:
         start = time.perf_counter()
-        index = (await self._ready(context)).index
+        index = (await self._ready()).index
         query = request.query.strip()
         if not query:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "query is empty")
+            raise InvalidArgument("query is empty")
         # LimitExceeded: the interceptor answers INVALID_ARGUMENT with the field and the limit.
         self.settings.check_text("query", request.query, "limit_query_chars")
         self.settings.check_search_filters(request.filters)
         k = request.k or self.settings.retrieve_default_k
         if k > self.settings.retrieve_max_k:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"k={k} is above the limit of {self.settings.retrieve_max_k}",
-            )
+            raise InvalidArgument(f"k={k} is above the limit of {self.settings.retrieve_max_k}")
         mode = MODES.get(request.mode, "hybrid")
         f = request.filters
         # What the caller may read (its token's groups), narrowed by the groups the request
@@ -143,9 +140,7 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
             try:
                 vector = await self.embed(query)
             except grpc.RpcError as exc:
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, f"embed service unavailable: {exc.details()}"
-                )
+                raise Unavailable(f"embed service unavailable: {exc.details()}") from exc
             t2 = time.perf_counter()
             if request.include_query_embedding:
                 reply.query_embedding.extend(np.asarray(vector, dtype=np.float32).ravel().tolist())
@@ -167,7 +162,7 @@ class RetrieveServicer(retrieve_pb2_grpc.RetrieveServiceServicer):
     async def GetIndexStats(
         self, request: retrieve_pb2.GetIndexStatsRequest, context: grpc.aio.ServicerContext
     ) -> retrieve_pb2.IndexStats:
-        indexer = await self._ready(context)
+        indexer = await self._ready()
         index = indexer.index
         return retrieve_pb2.IndexStats(
             chunks=len(index),

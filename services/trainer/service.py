@@ -16,6 +16,7 @@ from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.adapters import AdapterRegistry
 from services.common.clients import channel, is_serving
+from services.common.errors import InvalidArgument, NotFound
 from services.common.grpcserver import message_options, service_app
 from services.common.kafka import BadEvent, make_producer
 from services.common.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED
@@ -101,22 +102,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         job, _ = await self.trainer.submit(request)  # InvalidArgument, NotFound: answered
         return job
 
-    async def _job(self, job_id: str, context: Any) -> trainer_pb2.Job:
+    async def _job(self, job_id: str) -> trainer_pb2.Job:
         job = await self.trainer.store.job(job_id) if job_id else None
         if job is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {job_id!r}")
+            raise NotFound(f"no job {job_id!r}")
         assert job is not None
         return job
 
     async def GetJob(
         self, request: trainer_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.Job:
-        return await self._job(request.id, context)
+        return await self._job(request.id)
 
     async def WatchJob(
         self, request: trainer_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[trainer_pb2.Job]:
-        job = await self._job(request.id, context)
+        job = await self._job(request.id)
         yield job
         last = job.SerializeToString()
         while unfinished(job):
@@ -125,7 +126,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     await asyncio.wait_for(self.trainer.changed.wait(), timeout=2.0)
                 except TimeoutError:
                     pass
-            job = await self._job(request.id, context)
+            job = await self._job(request.id)
             raw = job.SerializeToString()
             if raw != last:
                 last = raw
@@ -142,7 +143,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.Job:
         await self.trainer.cancel(request.id)  # NotFound, FailedPrecondition: answered
-        return await self._job(request.id, context)
+        return await self._job(request.id)
 
     async def GetPolicy(
         self, request: trainer_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
@@ -162,7 +163,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.SetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.Policy:
         if request.mode not in ("auto", "manual"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "mode must be auto or manual")
+            raise InvalidArgument("mode must be auto or manual")
         await self.trainer.store.set_policy(mode=request.mode)
         return await self.GetPolicy(trainer_pb2.GetPolicyRequest(), context)
 

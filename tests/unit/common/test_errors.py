@@ -4,6 +4,8 @@ decoded is INVALID_ARGUMENT for streams as for unary calls."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
@@ -113,3 +115,18 @@ def test_an_undecodable_request_is_invalid_argument_for_every_kind(channel, kind
 def test_a_call_that_succeeds_is_untouched(channel):
     _call(channel, "US", REQ(service="ok").SerializeToString())
     _call(channel, "SS", REQ(service="ok").SerializeToString())
+
+
+def test_only_the_shared_wiring_answers_errors_by_hand():
+    """Servicers raise ServiceError subclasses; context.abort belongs to the interceptor (and
+    the auth check it runs), so one place decides how an error reaches a caller."""
+    services = Path(__file__).resolve().parents[3] / "services"
+    allowed = {"common/grpcserver.py", "common/authz.py"}
+    by_hand = sorted(
+        str(path.relative_to(services))
+        for path in services.rglob("*.py")
+        if "gen" not in path.relative_to(services).parts[:1]
+        and str(path.relative_to(services)) not in allowed
+        and "context.abort(" in path.read_text(encoding="utf-8")
+    )
+    assert by_hand == []
