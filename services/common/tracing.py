@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,19 @@ def current() -> TraceContext | None:
 def current_trace_id() -> str:
     ctx = _current.get()
     return ctx.trace_id if ctx else ""
+
+
+@contextmanager
+def continued(trace_id: str) -> Iterator[None]:
+    """Work done later for a request (a training job, a rollout decision) under the trace the
+    request came with: one hop further in that trace, or the current one if ``trace_id`` is not
+    a valid id."""
+    ctx = current()
+    token = use(TraceContext(trace_id, _new_id(8)) if valid_trace_id(trace_id) else ctx)
+    try:
+        yield
+    finally:
+        restore(token)
 
 
 def use(ctx: TraceContext | None) -> Token[TraceContext | None]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from knowstream.events.v1 import events_pb2
+from services.common import tracing
 from services.common.kafka import BadEvent, new_header, parse_event, parse_knowledge_event
 from services.common.metrics import DRIFT_MMD2, DRIFT_P_VALUE, DRIFT_WINDOW
 from services.monitor.drift import Reference
@@ -163,7 +164,7 @@ class Monitor:
         whose idempotency key is the gap's, so a replay asks once."""
         key = f"{gap['key']}:closed"
         event = events_pb2.RetrainRequested(
-            header=new_header("monitor", key),
+            header=new_header("monitor", tracing.new_trace().trace_id),  # as a drift decision
             idempotency_key=key,
             reason=(
                 f"knowledge gap {gap['key']} closed by newly ingested documents: "

@@ -15,6 +15,7 @@ import torch
 from google.protobuf import json_format
 
 from knowstream.events.v1 import events_pb2
+from services.common import tracing
 from services.common.kafka import BadEvent, new_header, parse_event
 from services.monitor.drift import Reference, WindowStats, window_stats
 from services.monitor.policy import Decision, PolicyConfig, WindowResult
@@ -198,7 +199,8 @@ def decision_event(
     poor = decision.poorly_retrieved_share
     drifted = f"{len(windows)} consecutive windows drifted from reference {reference_id}{where}"
     common: dict[str, Any] = dict(
-        header=new_header("monitor"),
+        # A decision starts a trace: the job and the adapter it leads to carry it.
+        header=new_header("monitor", tracing.new_trace().trace_id),
         idempotency_key=decision.idempotency_key,
         reference_id=reference_id,
         windows=windows,

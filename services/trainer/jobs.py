@@ -31,6 +31,7 @@ from google.protobuf import json_format
 from knowstream.events.v1 import events_pb2
 from knowstream.infer.v1 import infer_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2
+from services.common import tracing
 from services.common.adapters import BASE, AdapterRegistry, UnknownAdapter, store_adapter
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.importdir import resolve_import_path
@@ -126,6 +127,7 @@ class Trainer:
             parent=parent,
             created_ms=now_ms(),
             request=request,
+            trace_id=tracing.current_trace_id() or tracing.new_trace().trace_id,
         )
         job_id, new = await self.store.add_job(job, trigger_key)
         if not new:
@@ -180,6 +182,10 @@ class Trainer:
 
     async def on_retrain(self, value: bytes | None) -> None:
         event = parse_retrain(value)
+        with tracing.continued(event.header.trace_id):  # the job joins the request's trace
+            await self._retrain(event)
+
+    async def _retrain(self, event: events_pb2.RetrainRequested) -> None:
         request = trainer_pb2.TrainRequest(
             parent=event.live_adapter or "live",
             reason=event.reason or "drift",
@@ -220,7 +226,7 @@ class Trainer:
     ) -> None:
         await self.save(job)
         event = events_pb2.TrainingEvent(
-            header=new_header("trainer", job.id),
+            header=new_header("trainer", job.trace_id or job.id),
             job_id=job.id,
             kind=kind,
             step=job.step,
@@ -261,6 +267,10 @@ class Trainer:
             await self.run(job)
 
     async def run(self, job: trainer_pb2.Job) -> None:
+        with tracing.continued(job.trace_id):  # registration and hand-over calls carry it
+            await self._run(job)
+
+    async def _run(self, job: trainer_pb2.Job) -> None:
         self.running = job.id
         job_dir = self.jobs_dir / job.id
         job_dir.mkdir(parents=True, exist_ok=True)

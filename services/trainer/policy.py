@@ -18,12 +18,13 @@ import grpc
 from knowstream.events.v1 import events_pb2
 from knowstream.infer.v1 import infer_pb2, infer_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2
+from services.common import tracing
 from services.common.adapters import AdapterRegistry
 from services.common.kafka import BadEvent, parse_event
 from services.common.limits import LimitExceeded
 from services.trainer import rollout
 from services.trainer.settings import TrainerSettings
-from services.trainer.store import Correction, TrainerStore
+from services.trainer.store import Correction, ShadowTally, TrainerStore
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,18 @@ class RolloutPolicy:
         if decision is None:
             return
         action, reasons = decision
+        with tracing.continued(job.trace_id):  # the promotion is part of the job's trace
+            await self._decide(job, adapter, action, reasons, tally)
+
+    async def _decide(
+        self,
+        job: trainer_pb2.Job,
+        adapter: str,
+        action: str,
+        reasons: list[str],
+        tally: ShadowTally,
+    ) -> None:
+        s = self.settings
         reason = "; ".join(reasons)
         try:
             if action == "promote":

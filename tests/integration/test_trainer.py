@@ -28,6 +28,7 @@ from knowstream.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.cli.documents import ensure_ingested
+from services.common import tracing
 from services.common.adapter_upload import upload_adapter
 from services.common.adapters import AdapterRegistry, create_random_adapter
 from services.common.clients import sync_channel
@@ -122,10 +123,11 @@ def retrain_request(key: str, questions: list[str], live: str) -> events_pb2.Ret
     )
 
 
-def publish(settings, topic: str, *values: bytes) -> None:
+def publish(settings, topic: str, *values: bytes, traceparent: str = "") -> None:
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    headers = [(tracing.TRACEPARENT, traceparent.encode())] if traceparent else None
     for value in values:
-        producer.send(topic, value, key=b"k")
+        producer.send(topic, value, key=b"k", headers=headers)
     producer.flush()
     producer.close()
 
@@ -154,9 +156,11 @@ def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
         live_before = admin.GetRollout(infer_pb2.GetRolloutRequest(), timeout=10).live
         key = f"test-reference:retrain:{time.time_ns()}"
         event = retrain_request(key, [i["QUESTION"] for i in items[:3]], live_before)
-        publish(s, s.topic_retrain, event.SerializeToString())
+        trace = tracing.new_trace()  # the request's trace follows it to the promotion
+        publish(s, s.topic_retrain, event.SerializeToString(), traceparent=trace.header())
         job = wait_for(lambda: jobs_for(trainer, f"retrain:{key}"), 60, "the retrain job")[0]
         assert job.trigger_event_id == event.header.event_id and job.parent == live_before
+        assert job.trace_id == trace.trace_id
         assert list(job.request.questions) == list(event.example_questions)
 
         # Kill the trainer (only its process) mid-run: the training process dies with it.
@@ -251,14 +255,24 @@ def test_the_loop_trains_resumes_gates_registers_shadows_and_promotes(
             events_pb2.AdapterEvent,
             lambda e: e.action == "promoted" and e.adapter_id == adapter,
         )
-        assert audit.reason.startswith("policy:")
+        assert audit.reason.startswith("policy:") and audit.header.trace_id == trace.trace_id
         for kind in ("queued", "training", "progress", "resumed", "registered", "shadow"):
-            read_events(
+            step = read_events(
                 s,
                 s.topic_training,
                 events_pb2.TrainingEvent,
                 lambda e, k=kind: e.job_id == job.id and e.kind == k,
             )
+            assert step.header.trace_id == trace.trace_id, kind
+        assert promoted.header.trace_id == trace.trace_id
+        for action in ("candidate", "promoted"):  # the rollout events, from the infer service
+            audit = read_events(
+                s,
+                s.topic_adapters,
+                events_pb2.AdapterEvent,
+                lambda e, a=action: e.action == a and e.adapter_id == adapter,
+            )
+            assert audit.header.trace_id == trace.trace_id, action
         assert (
             trainer.GetJob(trainer_pb2.GetJobRequest(id=job.id), timeout=10).rollout == "promoted"
         )

@@ -66,6 +66,19 @@ def test_server_context_continues_the_caller_or_starts_a_trace():
     assert tracing.server_context([("traceparent", "bad")]).trace_id != TRACE
 
 
+def test_work_done_later_continues_the_trace_it_was_asked_under():
+    outer = tracing.new_trace()
+    token = tracing.use(outer)
+    try:
+        with tracing.continued(TRACE):  # a job stored with the trace of the call that made it
+            assert tracing.current_trace_id() == TRACE
+        assert tracing.current() == outer
+        with tracing.continued(""):  # none recorded (an older job): the current trace goes on
+            assert tracing.current() == outer
+    finally:
+        tracing.restore(token)
+
+
 def test_outgoing_metadata_and_headers_follow_the_current_trace():
     assert tracing.outgoing_metadata([("a", "1")]) == [("a", "1")]  # no trace: nothing added
     assert tracing.kafka_headers() == []

@@ -8,6 +8,7 @@ import pytest
 
 from knowstream.events.v1 import events_pb2
 from knowstream.monitor.v1 import monitor_pb2
+from services.common import tracing
 from services.common.kafka import BadEvent, new_header
 from services.monitor.policy import DriftPolicy
 from services.monitor.report import plot
@@ -154,6 +155,7 @@ def test_decisions_become_retrain_or_gap_events_with_evidence():
         inner = getattr(event, kind)
         assert [w.index for w in inner.windows] == [0, 1] and inner.windows[1].drift
         assert inner.idempotency_key == decision.idempotency_key
+        assert tracing.valid_trace_id(inner.header.trace_id)  # a decision starts a trace
         assert (inner.from_ms, inner.to_ms) == (0, 63)
         assert inner.example_questions[0] == "child question 0 0"
         if kind == "retrain_requested":
