@@ -6,7 +6,8 @@ figure. Then an open loop offers ``--factor`` times that rate for ``--seconds``:
 is either admitted (answered) or shed (RESOURCE_EXHAUSTED when the model's admission limit,
 KS_ENGINE_MAX_WAITING, or Triton's queue is full; UNAVAILABLE when it waited past its
 timeout). Reports how fast the excess is rejected (target: p99 <= 100 ms) and the admitted
-requests' latency against the at-capacity one. Prints JSON.
+requests' latency against the at-capacity one; last, after a quiet spell, a burst of a full
+batch and the waiting room at once, which should all be answered. Prints JSON.
 
     python -m bench.overload --seconds 30        # against a `make up` stack
 """
@@ -85,19 +86,25 @@ async def capacity(d: Driver, clients: int, seconds: float, timeout_s: float) ->
     }
 
 
-async def overload(d: Driver, rate: float, seconds: float, timeout_s: float) -> dict[str, Any]:
+async def overload(
+    d: Driver, rate: float, seconds: float, timeout_s: float, settle_s: float
+) -> dict[str, Any]:
     """An open loop: arrivals at ``rate`` per second whatever the answers take."""
     results: list[tuple[str, float]] = []
+    settled: list[float] = []  # admitted requests sent after the first settle_s
     tasks = []
 
-    async def record() -> None:
-        results.append(await d.one(timeout_s))
+    async def record(sent_s: float) -> None:
+        outcome, took = await d.one(timeout_s)
+        results.append((outcome, took))
+        if outcome == "ok" and sent_s >= settle_s:
+            settled.append(took)
 
     start = time.perf_counter()
     n = int(rate * seconds)
     for i in range(n):
         await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-        tasks.append(asyncio.ensure_future(record()))
+        tasks.append(asyncio.ensure_future(record(i / rate)))
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - start
     admitted = [t for o, t in results if o == "ok"]
@@ -112,9 +119,21 @@ async def overload(d: Driver, rate: float, seconds: float, timeout_s: float) -> 
         "outcomes": dict(codes),
         "admitted_per_s": round(len(admitted) / wall, 3),
         "admitted_latency_s": percentiles(admitted) if admitted else {},
+        # Without the onset, when the waiting room was still open (KS_ENGINE_WAITING_CLOSED_S).
+        "admitted_latency_after_onset_s": percentiles(settled) if settled else {},
+        "onset_s": settle_s,
         "rejection_ms": rejection,
         "rejection_p99_within_target": bool(rejection) and rejection["p99"] <= TARGET_REJECTION_MS,
     }
+
+
+async def burst(d: Driver, size: int, quiet_s: float, timeout_s: float) -> dict[str, Any]:
+    """After ``quiet_s`` without traffic, ``size`` requests at once (a burst at a quiet model,
+    which the waiting room is there to absorb)."""
+    await asyncio.sleep(quiet_s)
+    results = await asyncio.gather(*(d.one(timeout_s) for _ in range(size)))
+    codes = Counter(o for o, _ in results)
+    return {"size": size, "after_quiet_s": quiet_s, "answered": codes["ok"], "outcomes": codes}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,7 +147,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         at_capacity = await capacity(d, args.clients, args.seconds, args.timeout)
         rate = max(0.5, at_capacity["requests_per_s"]) * args.factor
         log(f"capacity {at_capacity['requests_per_s']} req/s; offering {rate:.2f} req/s")
-        over = await overload(d, rate, args.seconds, args.timeout)
+        over = await overload(d, rate, args.seconds, args.timeout, args.onset)
+        log(f"a burst of {args.burst} after {args.quiet} s without traffic")
+        quiet_burst = await burst(d, args.burst, args.quiet, args.timeout)
     finally:
         await chan.close(None)
     return {
@@ -139,6 +160,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "factor": args.factor,
         "at_capacity": at_capacity,
         "overload": over,
+        "burst": quiet_burst,
         "target_rejection_ms": TARGET_REJECTION_MS,
     }
 
@@ -151,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=float, default=4.0, help="overload / capacity")
     parser.add_argument("--tokens", type=int, default=16, help="new tokens per answer")
     parser.add_argument("--timeout", type=float, default=60.0, help="client deadline, s")
+    parser.add_argument(
+        "--onset", type=float, default=5.0, help="s of the overload left out of its steady p99"
+    )
+    parser.add_argument(
+        "--burst", type=int, default=10, help="requests at once after the quiet time (8 + 2 held)"
+    )
+    parser.add_argument(
+        "--quiet", type=float, default=8.0, help="s without traffic before the burst (> 5 s)"
+    )
     args = parser.parse_args(argv)
     print(json.dumps(asyncio.run(run(args))))
     return 0

@@ -85,6 +85,42 @@ def test_the_scheduler_refuses_a_request_beyond_its_waiting_room(engine):
         scheduler.stop()
 
 
+def test_the_waiting_room_closes_while_the_model_sheds(engine):
+    scheduler = Scheduler(engine, max_batch=1, max_waiting=1, waiting_closed_s=3600)
+    gate = threading.Event()
+    answered: list[threading.Event] = []
+
+    def held() -> bool:  # polled by the scheduler thread: holds it until the gate opens
+        gate.wait()
+        return False
+
+    def submit(name: str, hold: bool = False) -> bool:
+        answered.append(threading.Event())
+        request = LLMRequest(name, max_new_tokens=2, is_cancelled=held if hold else None)
+        return scheduler.try_submit(request, lambda r, done=answered[-1]: done.set())
+
+    try:
+        assert scheduler.room() == 2
+        assert submit("one", hold=True)
+        _until(lambda: scheduler.waiting() == 0)  # "one" is taken (held at its prefill)
+        assert submit("two")  # into the waiting room: nothing was refused yet
+        assert not submit("three")  # the room is full: refused, and the room closes
+        assert scheduler.room() == 1
+        gate.set()
+        assert answered[0].wait(60) and answered[1].wait(60)
+        _until(lambda: scheduler.held() == 0)
+        gate.clear()
+        assert submit("four", hold=True)  # a free slot still admits
+        assert not submit("five")  # where the open room would have held it
+        scheduler.waiting_closed_s = 0.0  # the refusal is past: the room is open again
+        assert scheduler.room() == 2 and submit("six")
+        gate.set()
+        assert answered[3].wait(60) and answered[5].wait(60)
+    finally:
+        gate.set()
+        scheduler.stop()
+
+
 @pytest.mark.parametrize("candidates", [[], ["yes", "no"]], ids=["generation", "scoring"])
 def test_a_failed_step_answers_what_it_had_taken_and_frees_its_place(
     engine, monkeypatch, candidates

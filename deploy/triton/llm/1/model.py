@@ -95,12 +95,12 @@ class TritonPythonModel:
     ``dynamic_batching`` up to max_batch_size requests share each forward pass, without it they
     are served one at a time.
 
-    Admission: the scheduler holds a full batch and at most KS_ENGINE_MAX_WAITING requests more;
-    a request beyond them is answered at once with OVERLOADED (the infer service:
-    RESOURCE_EXHAUSTED, "retry later"). An admitted request therefore waits for a few slots at
-    most, and keeps about the latency it has at capacity however much more is offered.
-    (Blocking execute() instead let the excess queue in Triton: at 4x capacity the admitted
-    requests' p99 was 4.7 s against 1.2 s at capacity; bench.overload, README.)"""
+    Admission: the scheduler holds a full batch and at most KS_ENGINE_MAX_WAITING requests more,
+    none more within KS_ENGINE_WAITING_CLOSED_S of a refusal; a request beyond them is answered
+    at once with OVERLOADED (the infer service: RESOURCE_EXHAUSTED, "retry later"). So under
+    sustained overload an admitted request keeps about the latency it has at capacity however
+    much more is offered. (Blocking execute() instead let the excess queue in Triton: at 4x
+    capacity the admitted requests' p99 was 4.7 s against 1.2 s at capacity; README.)"""
 
     def initialize(self, args):  # type: ignore[no-untyped-def]
         settings = EngineSettings()
@@ -128,7 +128,12 @@ class TritonPythonModel:
             ),
         )
         max_batch = int(config.get("max_batch_size") or 1) if batching else 1
-        self.scheduler = Scheduler(self.engine, max_batch, max_waiting=settings.engine_max_waiting)
+        self.scheduler = Scheduler(
+            self.engine,
+            max_batch,
+            max_waiting=settings.engine_max_waiting,
+            waiting_closed_s=settings.engine_waiting_closed_s,
+        )
         log.info(
             "llm model ready: batching %s, up to %d requests per step",
             "on" if batching else "off",
@@ -162,7 +167,7 @@ class TritonPythonModel:
                 llm_request.on_text = _streamer(sender, llm_request.adapter)
             llm_request.is_cancelled = request.is_cancelled
             if not self.scheduler.try_submit(llm_request, _finisher(sender)):
-                held = self.scheduler.max_batch + self.scheduler.max_waiting
+                held = self.scheduler.held()
                 sender.send(_error(f"{OVERLOADED}: {held} requests are held already"), flags=FINAL)
         return None
 
