@@ -1,7 +1,7 @@
-"""Chaos under load: while documents stream in through gRPC (and, with serving components,
-Ask calls go on), SIGKILL the broker, Redis, embed, retrieve and ingest — and with ``--full``
-also infer, Triton, the monitor and the trainer — in turn, start each again through the Stack
-API, and count what the documents went through. One row per component:
+"""Chaos under load: while documents stream in through gRPC and the raw topic (and, with
+serving components, Ask calls go on), SIGKILL the broker, Redis, embed, retrieve and ingest —
+and with ``--full`` also infer, Triton, the monitor and the trainer — in turn, start each again
+through the Stack API, and count what the documents went through. One row per component:
 
 * ``acknowledged``: documents whose IngestDocuments call returned (from the previous kill on);
 * ``indexed``: of those, how many are searchable with all their chunks at the end (after the
@@ -14,7 +14,12 @@ API, and count what the documents went through. One row per component:
 * ``ask_recover_s`` (serving stacks): seconds from the kill until an Ask (no retrieval, one
   token) answers again, asked from the kill on;
 * ``state_kept``: the monitor's windows and the trainer's jobs after the restart are a
-  superset of those before it (None when that component holds none).
+  superset of those before it (None when that component holds none);
+* ``raw_acknowledged`` / ``raw_indexed`` / ``raw_lost``: the same for documents a plain Kafka
+  producer wrote to the raw topic at the same rate, acknowledged by the broker (acks=all). The
+  broker is their only copy until ingest has read them: with the embedded, memory-only broker
+  a record acknowledged and not yet read when the broker dies is lost by construction (a
+  replicated Kafka keeps it), so a broker row's raw losses are reported, not failed on.
 
 By default it runs on its own stack (broker, Redis, embed, retrieve, ingest on free ports in a
 temporary run directory), so it never touches a developer's ``make up``; ``--running`` uses
@@ -38,6 +43,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import grpc
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
 
 from bench.common import DEFAULT_DATA, chunk_hits, load_pubmedqa
 from deploy.stack import Stack
@@ -66,6 +73,10 @@ class Row:
     ask_recover_s: float | None = None
     state_kept: bool | None = None
     lost_ids: list[str] = field(default_factory=list)  # the first 10, to look them up
+    raw_acknowledged: int = 0
+    raw_indexed: int = 0
+    raw_lost: int = 0
+    raw_duplicated: int = 0
 
 
 class Load:
@@ -88,12 +99,14 @@ class Load:
         self._lock = threading.Lock()
 
     def __enter__(self) -> Load:
-        self._thread.start()
+        if self.rate > 0:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=60)
+        if self._thread.ident is not None:  # started (a rate of 0 starts none)
+            self._thread.join(timeout=60)
 
     def _stub(self) -> ingest_pb2_grpc.IngestServiceStub:
         address = self.stack.settings.address(self.stack.settings.ingest_port)
@@ -133,6 +146,57 @@ class Load:
     def snapshot(self) -> tuple[list[str], int]:
         with self._lock:
             return list(self.order), self.failed
+
+    def expected(self) -> dict[str, int]:
+        """Acknowledged documents -> their chunk count (those whose count is known)."""
+        with self._lock:
+            return {d: self.acked[d] for d in self.order if self.acked[d] > 0}
+
+
+class RawLoad(Load):
+    """Writes one JSON document per record to the raw topic at ``rate`` per second, as an
+    outside producer would; a record the broker acknowledged (acks=all) is acknowledged. Its
+    chunk count is the one ingest recorded when it read it (GetDocument); until then, or for
+    ever if the record was lost, it is unknown and the document not indexed."""
+
+    def _run(self) -> None:
+        s = self.stack.settings
+        producer = KafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap, acks="all", retries=0, request_timeout_ms=5000
+        )
+        i = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            doc_id = f"{self.tag}-raw-{i}"
+            text = f"Chaos run {self.tag}, raw document {i}.\n{self.texts[i % len(self.texts)]}"
+            value = json.dumps({"id": doc_id, "text": text, "source": "bench-chaos"}).encode()
+            with self._lock:
+                self.attempted.append(doc_id)
+            try:
+                producer.send(s.topic_raw_documents, value, key=doc_id.encode()).get(10)
+                with self._lock:
+                    self.acked[doc_id] = 0  # known once ingest has read it
+                    self.order.append(doc_id)
+            except KafkaError:
+                with self._lock:
+                    self.failed += 1
+            i += 1
+            self._stop.wait(max(0.0, 1 / self.rate - (time.monotonic() - started)))
+        producer.close(timeout=5)
+
+    def expected(self) -> dict[str, int]:
+        unknown = [d for d, n in list(self.acked.items()) if n == 0]
+        if unknown:
+            address = self.stack.settings.address(self.stack.settings.ingest_port)
+            ingest = ingest_pb2_grpc.IngestServiceStub(sync_channel(address))
+            for doc_id in unknown:
+                try:
+                    info = ingest.GetDocument(ingest_pb2.GetDocumentRequest(id=doc_id), timeout=5)
+                except grpc.RpcError:
+                    continue  # not read yet, lost, or ingest is down right now
+                with self._lock:
+                    self.acked[doc_id] = info.chunk_count
+        return super().expected()
 
 
 def index_state(stack: Stack, expected: dict[str, int]) -> tuple[set[str], set[str]]:
@@ -242,12 +306,12 @@ def wait_indexed(stack: Stack, load: Load, timeout_s: float) -> tuple[bool, list
     deadline = time.monotonic() + timeout_s
     while True:
         order, _ = load.snapshot()
-        expected = {d: load.acked[d] for d in order}
         try:
+            expected = load.expected()
             indexed, _ = index_state(stack, expected)
         except grpc.RpcError:
             indexed = set()
-        if len(indexed) == len(expected):
+        if len(indexed) == len(order):
             return True, order
         if time.monotonic() > deadline:
             return False, order
@@ -290,8 +354,7 @@ def account(stack: Stack, load: Load, rows: list[Row]) -> None:
     """Counts, per row, its documents indexed, lost (acknowledged, not searchable) and
     duplicated, as the index holds them now."""
     order, _ = load.snapshot()
-    expected = {d: load.acked[d] for d in order}
-    indexed, duplicated = index_state(stack, expected)
+    indexed, duplicated = index_state(stack, load.expected())
     start = 0
     for row in rows:
         mine = order[start : start + row.acknowledged]
@@ -302,6 +365,20 @@ def account(stack: Stack, load: Load, rows: list[Row]) -> None:
         row.lost_ids = [d for d in mine if d not in indexed and d not in duplicated][:10]
 
 
+def account_raw(stack: Stack, raw: RawLoad, rows: list[Row], counts: list[int]) -> None:
+    """The raw topic's documents per row (``counts``: acknowledged during each row)."""
+    order, _ = raw.snapshot()
+    indexed, duplicated = index_state(stack, raw.expected())
+    start = 0
+    for row, count in zip(rows, counts, strict=True):
+        mine = order[start : start + count]
+        start += count
+        row.raw_acknowledged = count
+        row.raw_indexed = sum(d in indexed for d in mine)
+        row.raw_duplicated = sum(d in duplicated for d in mine)
+        row.raw_lost = count - row.raw_indexed - row.raw_duplicated
+
+
 def run(
     stack: Stack,
     components: Iterable[str],
@@ -310,17 +387,22 @@ def run(
     timeout_s: float = 180,
     drain_s: float = 600,
     attempted: list[str] | None = None,
+    raw_rate: float = 0.0,
 ) -> list[Row]:
     """Kills each component in turn under load; then stops the load, lets the path drain (a
     backlog built while a component was down is not a loss) and counts. The ids of every
     document sent, acknowledged or not, are added to ``attempted`` when given (to delete them
-    after: a call that failed on the client's side may still have been accepted)."""
+    after: a call that failed on the client's side may still have been accepted). With
+    ``raw_rate``, a plain producer writes documents to the raw topic beside the gRPC load."""
     rows: list[Row] = []
-    since, failed_before = 0, 0
-    load = Load(stack, texts, rate, f"chaos{int(time.time())}")
-    with load:
+    since, failed_before, raw_counts = 0, 0, []
+    tag = f"chaos{int(time.time())}"
+    load, raw = Load(stack, texts, rate, tag), RawLoad(stack, texts, raw_rate, tag)
+    with load, raw:
         for component in components:
+            raw_before = len(raw.snapshot()[0])
             row, since = kill_and_recover(stack, component, load, since, timeout_s=timeout_s)
+            raw_counts.append(len(raw.snapshot()[0]) - raw_before)
             _, failed = load.snapshot()
             row.failed_calls, failed_before = failed - failed_before, failed
             rows.append(row)
@@ -329,10 +411,15 @@ def run(
     order, _ = load.snapshot()
     if rows:
         rows[-1].acknowledged = len(order) - sum(r.acknowledged for r in rows[:-1])
+        raw_counts[-1] = len(raw.snapshot()[0]) - sum(raw_counts[:-1])
     wait_indexed(stack, load, drain_s)
     account(stack, load, rows)
+    if raw_rate:
+        wait_indexed(stack, raw, 60)  # the gRPC path has drained: raw records are read by now
+        account_raw(stack, raw, rows, raw_counts)
     if attempted is not None:
         attempted.extend(load.sent())
+        attempted.extend(raw.sent())
     return rows
 
 
@@ -393,6 +480,8 @@ def print_table(rows: list[Row]) -> None:
         "recover_s",
         "ask_recover_s",
         "state_kept",
+        "raw_acknowledged",
+        "raw_lost",
     ]
     print("  ".join(c.upper() for c in cols))
     for r in rows:
@@ -404,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rate", type=float, default=1.0, help="ingest calls per second")
+    parser.add_argument(
+        "--raw-rate", type=float, default=1.0, help="raw-topic records per second (0: none)"
+    )
     parser.add_argument("--recover-timeout", type=float, default=180)
     parser.add_argument("--components", default="", help="default: all of the stack's")
     parser.add_argument("--full", action="store_true", help="the whole stack, serving included")
@@ -415,13 +507,18 @@ def main(argv: list[str] | None = None) -> int:
     texts = ["\n".join(item["CONTEXTS"]) for item in load_pubmedqa(args.data).values()]
     started = time.monotonic()
     if args.running:
-        rows = run(Stack(), components, args.rate, texts, args.recover_timeout)
+        rows = run(
+            Stack(), components, args.rate, texts, args.recover_timeout, raw_rate=args.raw_rate
+        )
     else:
         with OwnStack(full=args.full) as stack:
-            rows = run(stack, components, args.rate, texts, args.recover_timeout)
+            rows = run(
+                stack, components, args.rate, texts, args.recover_timeout, raw_rate=args.raw_rate
+            )
     if args.json:
         out = {
             "rate_per_s": args.rate,
+            "raw_rate_per_s": args.raw_rate,
             "seconds": round(time.monotonic() - started, 1),
             "rows": [asdict(r) for r in rows],
         }
@@ -431,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(
         r.lost == 0
         and r.duplicated == 0
+        and r.raw_duplicated == 0
+        and (r.raw_lost == 0 or r.component == "broker")  # see the module's docstring
         and r.recover_s is not None
         and r.state_kept is not False
         and (r.ask_recover_s is not None or "infer" not in (c for c in components))
