@@ -185,10 +185,10 @@ class RawLoad(Load):
         producer.close(timeout=5)
 
     def expected(self) -> dict[str, int]:
-        unknown = [d for d, n in list(self.acked.items()) if n == 0]
+        with self._lock:
+            unknown = [d for d, n in self.acked.items() if n == 0]
         if unknown:
-            address = self.stack.settings.address(self.stack.settings.ingest_port)
-            ingest = ingest_pb2_grpc.IngestServiceStub(sync_channel(address))
+            ingest = self._stub()  # one channel per poll, as Load's calls use
             for doc_id in unknown:
                 try:
                     info = ingest.GetDocument(ingest_pb2.GetDocumentRequest(id=doc_id), timeout=5)
@@ -205,10 +205,7 @@ def index_state(stack: Stack, expected: dict[str, int]) -> tuple[set[str], set[s
     address = stack.settings.address(stack.settings.retrieve_port)
     retrieve = retrieve_pb2_grpc.RetrieveServiceStub(sync_channel(address))
     indexed, duplicated = set(), set()
-    chunks = chunk_hits(
-        retrieve, sorted(expected)
-    )  # 20 documents of a few chunks: k=100 holds them
-    for doc_id, found in chunks.items():
+    for doc_id, found in chunk_hits(retrieve, sorted(expected)).items():
         if len(found) != len(set(found)) or len(set(found)) > expected[doc_id]:
             duplicated.add(doc_id)
         elif len(found) == expected[doc_id]:
@@ -350,33 +347,27 @@ def kill_and_recover(
     return row, len(order)
 
 
-def account(stack: Stack, load: Load, rows: list[Row]) -> None:
-    """Counts, per row, its documents indexed, lost (acknowledged, not searchable) and
-    duplicated, as the index holds them now."""
+@dataclass
+class Tally:
+    indexed: int
+    duplicated: int
+    lost: int
+    lost_ids: list[str]
+
+
+def tally(stack: Stack, load: Load, counts: list[int]) -> list[Tally]:
+    """Per row (``counts``: documents acknowledged during each), its documents indexed,
+    duplicated and lost (acknowledged, not searchable), as the index holds them now."""
     order, _ = load.snapshot()
     indexed, duplicated = index_state(stack, load.expected())
-    start = 0
-    for row in rows:
-        mine = order[start : start + row.acknowledged]
-        start += row.acknowledged
-        row.indexed = sum(d in indexed for d in mine)
-        row.duplicated = sum(d in duplicated for d in mine)
-        row.lost = row.acknowledged - row.indexed - row.duplicated
-        row.lost_ids = [d for d in mine if d not in indexed and d not in duplicated][:10]
-
-
-def account_raw(stack: Stack, raw: RawLoad, rows: list[Row], counts: list[int]) -> None:
-    """The raw topic's documents per row (``counts``: acknowledged during each row)."""
-    order, _ = raw.snapshot()
-    indexed, duplicated = index_state(stack, raw.expected())
-    start = 0
-    for row, count in zip(rows, counts, strict=True):
+    tallies, start = [], 0
+    for count in counts:
         mine = order[start : start + count]
         start += count
-        row.raw_acknowledged = count
-        row.raw_indexed = sum(d in indexed for d in mine)
-        row.raw_duplicated = sum(d in duplicated for d in mine)
-        row.raw_lost = count - row.raw_indexed - row.raw_duplicated
+        lost = [d for d in mine if d not in indexed and d not in duplicated]
+        dup = sum(d in duplicated for d in mine)
+        tallies.append(Tally(count - len(lost) - dup, dup, len(lost), lost[:10]))
+    return tallies
 
 
 def run(
@@ -413,10 +404,14 @@ def run(
         rows[-1].acknowledged = len(order) - sum(r.acknowledged for r in rows[:-1])
         raw_counts[-1] = len(raw.snapshot()[0]) - sum(raw_counts[:-1])
     wait_indexed(stack, load, drain_s)
-    account(stack, load, rows)
+    for row, t in zip(rows, tally(stack, load, [r.acknowledged for r in rows]), strict=True):
+        row.indexed, row.duplicated, row.lost = t.indexed, t.duplicated, t.lost
+        row.lost_ids = t.lost_ids
     if raw_rate:
         wait_indexed(stack, raw, 60)  # the gRPC path has drained: raw records are read by now
-        account_raw(stack, raw, rows, raw_counts)
+        for row, count, t in zip(rows, raw_counts, tally(stack, raw, raw_counts), strict=True):
+            row.raw_acknowledged = count
+            row.raw_indexed, row.raw_duplicated, row.raw_lost = t.indexed, t.duplicated, t.lost
     if attempted is not None:
         attempted.extend(load.sent())
         attempted.extend(raw.sent())

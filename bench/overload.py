@@ -87,18 +87,18 @@ async def capacity(d: Driver, clients: int, seconds: float, timeout_s: float) ->
 
 
 async def overload(
-    d: Driver, rate: float, seconds: float, timeout_s: float, settle_s: float
+    d: Driver, rate: float, seconds: float, timeout_s: float, onset_s: float
 ) -> dict[str, Any]:
     """An open loop: arrivals at ``rate`` per second whatever the answers take."""
     results: list[tuple[str, float]] = []
-    settled: list[float] = []  # admitted requests sent after the first settle_s
+    steady: list[float] = []  # admitted requests sent after the first onset_s
     tasks = []
 
     async def record(sent_s: float) -> None:
         outcome, took = await d.one(timeout_s)
         results.append((outcome, took))
-        if outcome == "ok" and sent_s >= settle_s:
-            settled.append(took)
+        if outcome == "ok" and sent_s >= onset_s:
+            steady.append(took)
 
     start = time.perf_counter()
     n = int(rate * seconds)
@@ -120,8 +120,8 @@ async def overload(
         "admitted_per_s": round(len(admitted) / wall, 3),
         "admitted_latency_s": percentiles(admitted) if admitted else {},
         # Without the onset, when the waiting room was still open (KS_ENGINE_WAITING_CLOSED_S).
-        "admitted_latency_after_onset_s": percentiles(settled) if settled else {},
-        "onset_s": settle_s,
+        "admitted_latency_after_onset_s": percentiles(steady) if steady else {},
+        "onset_s": onset_s,
         "rejection_ms": rejection,
         "rejection_p99_within_target": bool(rejection) and rejection["p99"] <= TARGET_REJECTION_MS,
     }
