@@ -226,7 +226,7 @@ class Trainer:
     ) -> None:
         await self.save(job)
         event = events_pb2.TrainingEvent(
-            header=new_header("trainer", job.trace_id or job.id),
+            header=new_header("trainer", job.trace_id),  # "" (an older job): the current one
             job_id=job.id,
             kind=kind,
             step=job.step,
