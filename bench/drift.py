@@ -67,44 +67,14 @@ def mesh_switch(data: Path, trials: int) -> dict[str, object]:
     vectors = embed_questions(items, settings)
     first_drift, event_delay, false_alarms, false_events, window_s = [], [], 0, 0, []
     for trial in range(trials):
-        rng = np.random.default_rng(trial)
-        a = [adult[i] for i in rng.permutation(len(adult))]
-        c = [child[i] for i in rng.permutation(len(child))]
-        c = (c + c)[: 2 * size]
-        ref_texts, stream = a[:100], a[100 : 100 + 2 * size] + c
-        ref_id, ref = build_reference(
-            np.stack([vectors[t] for t in ref_texts]), ref_texts, settings
+        drifted, event, alarms, events, seconds = switch_trial(
+            adult, child, vectors, settings, trial
         )
-        policy = DriftPolicy(policy_config(settings), ref_id)
-        drifted, event = None, None
-        for index in range(len(stream) // size):
-            texts = stream[index * size : (index + 1) * size]
-            start = time.perf_counter()
-            window, result = compute_window(
-                ref,
-                ref_id,
-                index,
-                texts,
-                np.stack([vectors[t] for t in texts]),
-                [None] * size,
-                [None] * size,
-                list(range(size)),
-                {},
-                settings,
-            )
-            window_s.append(time.perf_counter() - start)
-            after_switch = index - 2  # windows 0 and 1 are adult-only
-            if window.drift and after_switch < 0:
-                false_alarms += 1
-            if window.drift and after_switch >= 0 and drifted is None:
-                drifted = after_switch + 1
-            decided = policy.observe(result) is not None
-            if decided and after_switch < 0:
-                false_events += 1
-            if decided and after_switch >= 0 and event is None:
-                event = after_switch + 1
         first_drift.append(drifted)
         event_delay.append(event)
+        false_alarms += alarms
+        false_events += events
+        window_s.extend(seconds)
     detected = [d for d in first_drift if d is not None]
     return {
         "trials": trials,
@@ -126,6 +96,55 @@ def mesh_switch(data: Path, trials: int) -> dict[str, object]:
         "median_window_compute_s": round(statistics.median(window_s), 5),
         "steady": steady(items, vectors, settings, trials),
     }
+
+
+def switch_trial(
+    adult: list[str],
+    child: list[str],
+    vectors: dict[str, np.ndarray],
+    settings: MonitorSettings,
+    trial: int,
+) -> tuple[int | None, int | None, int, int, list[float]]:
+    """One random split of ``mesh_switch``: the windows from the switch to the first drifted
+    window and to the event (None: neither came), false-alarm windows and false events before
+    the switch, and each window's compute seconds."""
+    size = settings.monitor_window
+    false_alarms, false_events, window_s = 0, 0, []
+    rng = np.random.default_rng(trial)
+    a = [adult[i] for i in rng.permutation(len(adult))]
+    c = [child[i] for i in rng.permutation(len(child))]
+    c = (c + c)[: 2 * size]
+    ref_texts, stream = a[:100], a[100 : 100 + 2 * size] + c
+    ref_id, ref = build_reference(np.stack([vectors[t] for t in ref_texts]), ref_texts, settings)
+    policy = DriftPolicy(policy_config(settings), ref_id)
+    drifted, event = None, None
+    for index in range(len(stream) // size):
+        texts = stream[index * size : (index + 1) * size]
+        start = time.perf_counter()
+        window, result = compute_window(
+            ref,
+            ref_id,
+            index,
+            texts,
+            np.stack([vectors[t] for t in texts]),
+            [None] * size,
+            [None] * size,
+            list(range(size)),
+            {},
+            settings,
+        )
+        window_s.append(time.perf_counter() - start)
+        after_switch = index - 2  # windows 0 and 1 are adult-only
+        if window.drift and after_switch < 0:
+            false_alarms += 1
+        if window.drift and after_switch >= 0 and drifted is None:
+            drifted = after_switch + 1
+        decided = policy.observe(result) is not None
+        if decided and after_switch < 0:
+            false_events += 1
+        if decided and after_switch >= 0 and event is None:
+            event = after_switch + 1
+    return drifted, event, false_alarms, false_events, window_s
 
 
 def embed_questions(items: dict[str, Any], settings: MonitorSettings) -> dict[str, np.ndarray]:
@@ -174,7 +193,7 @@ def steady(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.drift")
     parser.add_argument("--no-drift", type=int, default=200)
     parser.add_argument("--shifted", type=int, default=25, help="windows per shift size")
@@ -187,17 +206,91 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO_ROOT.parent / "shared" / "data" / "pubmedqa" / "labeled.json",
     )
     parser.add_argument("--switch-trials", type=int, default=20)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    reference, windows, kinds = make_data(0, args.no_drift, args.shifted)
+    return parser
+
+
+def run_ours(
+    reference: np.ndarray, windows: np.ndarray, permutations: int
+) -> tuple[list[float], list[float]]:
+    """Our permutation test on each window: the p-values and the seconds each took."""
     ref = Reference.build(reference, [""] * len(reference), topics=8)
     generator = torch.Generator().manual_seed(0)
     ours_p, ours_s = [], []
     for window in windows:
         start = time.perf_counter()
-        _, p = mmd2_permutation_test(ref, window, args.permutations, generator)
+        _, p = mmd2_permutation_test(ref, window, permutations, generator)
         ours_s.append(time.perf_counter() - start)
         ours_p.append(p)
+    return ours_p, ours_s
+
+
+def detection_rates(p_values: list[float], kinds: list[str], alpha: float) -> dict[str, float]:
+    """The share of windows flagged (p < alpha), per kind of window."""
+    result = {}
+    for kind in ("none", "shift_0.1", "shift_0.2"):
+        ps = [p for p, k in zip(p_values, kinds, strict=True) if k == kind]
+        result[kind] = round(float(np.mean(np.array(ps) < alpha)), 4)
+    return result
+
+
+def run_alibi(reference: np.ndarray, windows: np.ndarray, permutations: int) -> dict[str, Any]:
+    """alibi-detect's version, p-values and seconds per window (bench/drift_anchor.py in
+    bench/.venv-anchors)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "windows.npz"
+        np.savez(path, reference=reference, windows=windows)
+        reply = subprocess.run(
+            [
+                str(ANCHORS),
+                str(REPO_ROOT / "bench" / "drift_anchor.py"),
+                str(path),
+                str(permutations),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={"OMP_NUM_THREADS": "1"},
+        )
+    if reply.returncode != 0:
+        print(reply.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("alibi-detect run failed")
+    return json.loads(reply.stdout.strip().splitlines()[-1])
+
+
+def compare_with_alibi(
+    reference: np.ndarray,
+    windows: np.ndarray,
+    kinds: list[str],
+    ours_p: list[float],
+    ours_s: list[float],
+    permutations: int,
+    alpha: float,
+) -> dict[str, object]:
+    """alibi-detect's figures on the same windows, and how its time and decisions compare with
+    ours."""
+    alibi = run_alibi(reference, windows, permutations)
+    alibi_rates = detection_rates(alibi["p_values"], kinds, alpha)
+    decisions = [(a < alpha) == (o < alpha) for a, o in zip(alibi["p_values"], ours_p, strict=True)]
+    return {
+        "alibi_detect": {
+            "version": alibi["version"],
+            "median_window_s": round(statistics.median(alibi["seconds"]), 5),
+            "false_alarm_rate": alibi_rates["none"],
+            "detection_rate_shift_0.1": alibi_rates["shift_0.1"],
+            "detection_rate_shift_0.2": alibi_rates["shift_0.2"],
+        },
+        "time_ratio_ours_to_alibi": round(
+            statistics.median(ours_s) / statistics.median(alibi["seconds"]), 4
+        ),
+        "same_decision_share": round(float(np.mean(decisions)), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(1)
+    reference, windows, kinds = make_data(0, args.no_drift, args.shifted)
+    ours_p, ours_s = run_ours(reference, windows, args.permutations)
     out: dict[str, object] = {
         "reference": list(reference.shape),
         "window": list(windows.shape[1:]),
@@ -205,15 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "alpha": args.alpha,
         "threads": 1,
     }
-
-    def rates(p_values: list[float]) -> dict[str, float]:
-        result = {}
-        for kind in ("none", "shift_0.1", "shift_0.2"):
-            ps = [p for p, k in zip(p_values, kinds, strict=True) if k == kind]
-            result[kind] = round(float(np.mean(np.array(ps) < args.alpha)), 4)
-        return result
-
-    ours_rates = rates(ours_p)
+    ours_rates = detection_rates(ours_p, kinds, args.alpha)
     out["ours"] = {
         "median_window_s": round(statistics.median(ours_s), 5),
         "false_alarm_rate": ours_rates["none"],
@@ -223,41 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     if not ANCHORS.exists():
         out["alibi_detect"] = "not installed: run `make bench-anchors`"
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "windows.npz"
-            np.savez(path, reference=reference, windows=windows)
-            reply = subprocess.run(
-                [
-                    str(ANCHORS),
-                    str(REPO_ROOT / "bench" / "drift_anchor.py"),
-                    str(path),
-                    str(args.permutations),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-                env={"OMP_NUM_THREADS": "1"},
+        out.update(
+            compare_with_alibi(
+                reference, windows, kinds, ours_p, ours_s, args.permutations, args.alpha
             )
-        if reply.returncode != 0:
-            print(reply.stderr[-3000:], file=sys.stderr)
-            raise SystemExit("alibi-detect run failed")
-        alibi = json.loads(reply.stdout.strip().splitlines()[-1])
-        alibi_rates = rates(alibi["p_values"])
-        decisions = [
-            (a < args.alpha) == (o < args.alpha)
-            for a, o in zip(alibi["p_values"], ours_p, strict=True)
-        ]
-        out["alibi_detect"] = {
-            "version": alibi["version"],
-            "median_window_s": round(statistics.median(alibi["seconds"]), 5),
-            "false_alarm_rate": alibi_rates["none"],
-            "detection_rate_shift_0.1": alibi_rates["shift_0.1"],
-            "detection_rate_shift_0.2": alibi_rates["shift_0.2"],
-        }
-        out["time_ratio_ours_to_alibi"] = round(
-            statistics.median(ours_s) / statistics.median(alibi["seconds"]), 4
         )
-        out["same_decision_share"] = round(float(np.mean(decisions)), 4)
     if args.switch_trials:
         out["mesh_switch"] = mesh_switch(args.data, args.switch_trials)
     print(json.dumps(out))

@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -37,6 +37,9 @@ from services.common.clients import channel, sync_channel
 from services.common.importdir import stage_for_import
 from services.common.knowledge import ProbeSet, ScoreFn, TierScores, score_tiers
 from services.common.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from services.trainer.settings import TrainerSettings
 
 
 def ingest_batch(settings: CommonSettings, items: dict[str, Any], timeout_s: float) -> float:
@@ -143,7 +146,7 @@ async def measure(
     return out, correct
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--batches", type=int, default=4)
@@ -155,7 +158,63 @@ def main() -> None:
         "--passes", type=float, default=0, help="most passes per job (0: the trainer's setting)"
     )
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def run_batch(
+    settings: TrainerSettings,
+    items: dict[str, Any],
+    batch: int,
+    data: Path,
+    passes: float,
+    retrieval_probes: int,
+) -> tuple[dict[str, Any], trainer_pb2.Job, ProbeSet | None, dict[str, list[int]]]:
+    """Ingests one batch, trains on it and measures the result: the batch's row, its job and,
+    when the job finished (registered or rejected), the gate's probes and the adapter's
+    per-probe correctness on M and R."""
+    since = int(time.time() * 1000) - 500
+    ingest_s = ingest_batch(settings, items, 300)
+    started = time.monotonic()
+    job = train(settings, since, data, batch, passes)
+    cycle_s = round(time.monotonic() - started, 1)
+    timings = json.loads(job.timings_json or "{}")
+    row: dict[str, Any] = {"batch": batch, "job": job.id, "state": job.state}
+    row["registered"] = job.state == "registered"
+    row["cycle_s"] = cycle_s
+    row["ingest_s"] = ingest_s
+    row["timings"] = timings
+    row["gate"] = list(job.gate.reasons)
+    if job.state not in ("registered", "rejected"):
+        row["error"] = job.error
+        return row, job, None, {}
+    probes = job_probes(settings.trainer_dir, job)
+    figures, correct = asyncio.run(
+        measure(settings, job, probes, retrieval_probes, job.parent == "base")
+    )
+    row.update(figures)
+    row["dev_curve"] = list(job.gate.knowledge.dev_curve)
+    return row, job, probes, correct
+
+
+def final_correct(settings: CommonSettings, probes: ProbeSet, adapter: str) -> list[int]:
+    """The final adapter's per-probe correctness on batch 1's tier-M probes."""
+    infer_channel = channel(settings.address(settings.infer_port))
+
+    async def final() -> TierScores:
+        try:
+            score = infer_score(infer_pb2_grpc.InferServiceStub(infer_channel), 300)
+            return await score_tiers(ProbeSet(tiers={"M": probes.tiers["M"]}), adapter, score)
+        finally:
+            await infer_channel.close(None)
+
+    try:
+        return asyncio.run(final()).correct["M"]
+    except grpc.RpcError as exc:
+        raise SystemExit(f"scoring batch 1 with the final adapter failed: {exc}") from exc
+
+
+def main() -> None:
+    args = parse_args()
     from services.trainer.settings import TrainerSettings
 
     settings = TrainerSettings()
@@ -168,28 +227,12 @@ def main() -> None:
     adapter = "base"
     for b in range(args.batches):
         items = {k: data[k] for k in keys[b * args.batch_size : (b + 1) * args.batch_size]}
-        since = int(time.time() * 1000) - 500
-        ingest_s = ingest_batch(settings, items, 300)
-        started = time.monotonic()
-        job = train(settings, since, args.data, b + 1, args.passes)
-        cycle_s = round(time.monotonic() - started, 1)
-        timings = json.loads(job.timings_json or "{}")
-        row: dict[str, Any] = {"batch": b + 1, "job": job.id, "state": job.state}
-        row["registered"] = job.state == "registered"
-        row["cycle_s"] = cycle_s
-        row["ingest_s"] = ingest_s
-        row["timings"] = timings
-        row["gate"] = list(job.gate.reasons)
-        if job.state not in ("registered", "rejected"):
-            row["error"] = job.error
+        row, job, probes, correct = run_batch(
+            settings, items, b + 1, args.data, args.passes, args.retrieval_probes
+        )
+        if probes is None:
             batches.append(row)
             continue
-        probes = job_probes(settings.trainer_dir, job)
-        figures, correct = asyncio.run(
-            measure(settings, job, probes, args.retrieval_probes, job.parent == "base")
-        )
-        row.update(figures)
-        row["dev_curve"] = list(job.gate.knowledge.dev_curve)
         if row["registered"]:
             adapter = job.adapter_id
             acquired += sum(correct.get("M", []))
@@ -201,21 +244,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "gate"}), file=sys.stderr)
     kept = None
     if first_probes is not None and args.batches > 1 and adapter != "base":
-        infer_channel = channel(settings.address(settings.infer_port))
-
-        async def final() -> TierScores:
-            try:
-                score = infer_score(infer_pb2_grpc.InferServiceStub(infer_channel), 300)
-                return await score_tiers(
-                    ProbeSet(tiers={"M": first_probes.tiers["M"]}), adapter, score
-                )
-            finally:
-                await infer_channel.close(None)
-
-        try:
-            later = asyncio.run(final()).correct["M"]
-        except grpc.RpcError as exc:
-            raise SystemExit(f"scoring batch 1 with the final adapter failed: {exc}") from exc
+        later = final_correct(settings, first_probes, adapter)
         gained = sum(first_correct)
         still = sum(1 for a, z in zip(first_correct, later, strict=True) if a and z)
         kept = round(still / gained, 4) if gained else None

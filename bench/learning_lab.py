@@ -30,7 +30,7 @@ from services.common.models import resolve_llm_dir
 from services.common.probes import Document, Probe, pubmedqa_document
 from services.common.settings import CommonSettings
 from services.trainer.augment import Augmentation
-from services.trainer.data import assemble
+from services.trainer.data import Dataset, assemble
 from services.trainer.knowledge_data import KnowledgeRecipe, training_examples
 from services.trainer.train import TrainConfig, child_env
 
@@ -127,7 +127,7 @@ def tokens_of(dataset: Any, tokenizer: Any, max_tokens: int) -> int:
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--documents", type=int, default=20, help="abstracts in the batch")
@@ -137,7 +137,69 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def variant_dataset(
+    name: str, recipe: KnowledgeRecipe, trained: list[Document], older: list[Document], seed: int
+) -> Dataset:
+    """The training data of one variant: the batch's documents augmented as it says, with its
+    share of replayed older documents."""
+    augmentation, replay_share, span_loss = VARIANTS[name]
+    variant = replace(
+        recipe,
+        augmentation=replace(augmentation, seed=seed),
+        replay_share=replay_share,
+        span_loss=span_loss,
+    )
+    new, replay = training_examples(trained, older, variant)
+    return assemble(new, replay, eval_share=0.0, seed=seed)
+
+
+def train_config(
+    model_dir: Path, epochs: float, micro_batch: int, learning_rate: float, seed: int
+) -> TrainConfig:
+    return TrainConfig(
+        model_dir=str(model_dir),
+        backend="deepspeed",
+        lora_dropout=0.0,
+        target_modules=list(TARGETS),
+        epochs=epochs,
+        micro_batch=micro_batch,
+        grad_accum=1,
+        learning_rate=learning_rate,
+        seed=seed,
+        general_tokens=2048,
+    )
+
+
+def score_variant(
+    scorer: Scorer,
+    probes: ProbeSet,
+    name: str,
+    per_pass: int,
+    config: TrainConfig,
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """The variant's row: its adapter's accuracy per tier on the probes, and its training
+    figures."""
+    t = time.perf_counter()
+    row: dict[str, Any] = {"variant": name, "tokens_per_pass": per_pass}
+    row["passes"] = round(config.epochs, 2)
+    for tier, ps in probes.tiers.items():
+        lps = scorer.score(ps, summary["adapter_dir"])
+        right = sum(1 for lp in lps if max(range(len(lp)), key=lp.__getitem__) == 0)
+        row[tier] = round(right / len(ps), 4) if ps else None
+    row["n"] = probes.sizes
+    row["train_s"] = summary["seconds"]
+    row["tokens_per_s"] = summary["tokens_per_s"]
+    row["perplexity_pct"] = round(100 * (summary["perplexity"] / summary["base_perplexity"] - 1), 2)
+    row["score_s"] = round(time.perf_counter() - t, 1)
+    return row
+
+
+def main() -> None:
+    args = parse_args()
     data = load_pubmedqa(args.data)
     items = [pubmedqa_document(k, v) for k, v in data.items()]
     docs, older = items[: args.documents], items[args.documents : 2 * args.documents]
@@ -152,43 +214,17 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants.split(","):
-            augmentation, replay_share, span_loss = VARIANTS[name]
-            variant = replace(
-                recipe,
-                augmentation=replace(augmentation, seed=args.seed),
-                replay_share=replay_share,
-                span_loss=span_loss,
-            )
-            new, replay = training_examples(trained, older, variant)
-            dataset = assemble(new, replay, eval_share=0.0, seed=args.seed)
+            dataset = variant_dataset(name, recipe, trained, older, args.seed)
             per_pass = tokens_of(dataset, scorer.tokenizer, 512)
-            config = TrainConfig(
-                model_dir=str(model_dir),
-                backend="deepspeed",
-                lora_dropout=0.0,
-                target_modules=list(TARGETS),
-                epochs=max(1.0, args.tokens / per_pass),
-                micro_batch=args.micro_batch,
-                grad_accum=1,
-                learning_rate=args.learning_rate,
-                seed=args.seed,
-                general_tokens=2048,
+            config = train_config(
+                model_dir,
+                max(1.0, args.tokens / per_pass),
+                args.micro_batch,
+                args.learning_rate,
+                args.seed,
             )
             summary = train(Path(tmp) / name, config, dataset)
-            t = time.perf_counter()
-            row: dict[str, Any] = {"variant": name, "tokens_per_pass": per_pass}
-            row["passes"] = round(config.epochs, 2)
-            for tier, ps in probes.tiers.items():
-                lps = scorer.score(ps, summary["adapter_dir"])
-                right = sum(1 for lp in lps if max(range(len(lp)), key=lp.__getitem__) == 0)
-                row[tier] = round(right / len(ps), 4) if ps else None
-            row["n"] = probes.sizes
-            row["train_s"] = summary["seconds"]
-            row["tokens_per_s"] = summary["tokens_per_s"]
-            row["perplexity_pct"] = round(
-                100 * (summary["perplexity"] / summary["base_perplexity"] - 1), 2
-            )
-            row["score_s"] = round(time.perf_counter() - t, 1)
+            row = score_variant(scorer, probes, name, per_pass, config, summary)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     result = {

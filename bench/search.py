@@ -23,7 +23,7 @@ import numpy as np
 from bench.common import load_pubmedqa, percentiles, stubs
 from knowstream.embed.v1 import embed_pb2, embed_pb2_grpc
 from knowstream.events.v1 import events_pb2
-from knowstream.retrieve.v1 import retrieve_pb2
+from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from services.common.clients import sync_channel
 from services.common.kafka import make_producer, new_header, now_ms
 from services.common.settings import CommonSettings
@@ -100,12 +100,83 @@ async def delete_docs(settings: CommonSettings, tag: str, docs: int) -> None:
         await producer.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.search")
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def grow_index(
+    settings: CommonSettings,
+    retrieve: retrieve_pb2_grpc.RetrieveServiceStub,
+    start: int,
+    count: int,
+    target: int,
+    tag: str,
+    sentences: list[str],
+    dim: int,
+    model: str,
+) -> tuple[retrieve_pb2.IndexStats, float]:
+    """Writes ``count`` synthetic chunks (numbered from ``start``) and waits until the index
+    holds ``target`` chunks with BM25 caught up: the index stats then, and the seconds it took."""
+    t = time.time()
+    asyncio.run(produce(settings, start, count, tag, sentences, dim, model))
+    while True:
+        now = retrieve.GetIndexStats(retrieve_pb2.GetIndexStatsRequest(), timeout=10)
+        if now.chunks >= target and now.bm25_lag_chunks == 0:
+            break
+        if time.time() - t > 1800:
+            raise TimeoutError(f"index reached {now.chunks} of {target} chunks")
+        time.sleep(1)
+    return now, time.time() - t
+
+
+def search_latencies(
+    retrieve: retrieve_pb2_grpc.RetrieveServiceStub,
+    questions: list[str],
+    size: int,
+    tag: str,
+    queries: int,
+) -> dict[str, list[float]]:
+    """Milliseconds per search (client and server, with the server's parts) at this index size,
+    then again with the query embeddings cached."""
+    # Each question once per size, made unique to this run so that the first pass pays for
+    # the query embedding (the retrieve service caches it); the second pass repeats the same
+    # strings and so measures the index alone.
+    offset = (size // 1000) % len(questions)
+    qs = [f"{questions[(offset + i) % len(questions)]} [{tag}/{size}]" for i in range(queries)]
+    parts: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "client_ms",
+            "server_ms",
+            "embed_ms",
+            "dense_ms",
+            "bm25_ms",
+            "cached_client_ms",
+            "cached_server_ms",
+        )
+    }
+    for q in qs:
+        start = time.perf_counter()
+        reply = retrieve.Search(retrieve_pb2.SearchRequest(query=q, k=10), timeout=10)
+        parts["client_ms"].append((time.perf_counter() - start) * 1000)
+        parts["server_ms"].append(reply.total_ms)
+        parts["embed_ms"].append(reply.embed_ms)
+        parts["dense_ms"].append(reply.dense_ms)
+        parts["bm25_ms"].append(reply.bm25_ms)
+    for q in qs:
+        start = time.perf_counter()
+        reply = retrieve.Search(retrieve_pb2.SearchRequest(query=q, k=10), timeout=10)
+        parts["cached_client_ms"].append((time.perf_counter() - start) * 1000)
+        parts["cached_server_ms"].append(reply.total_ms)
+    return parts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     settings = CommonSettings()
     data = load_pubmedqa()
     sentences = [s for v in data.values() for c in v["CONTEXTS"] for s in c.split(". ") if s]
@@ -123,51 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     for size in sorted(int(s) for s in args.sizes.split(",")):
         need = max(0, size - int(stats.chunks) - added)
         need -= need % CHUNKS_PER_DOC
-        t = time.time()
-        asyncio.run(produce(settings, added, need, tag, sentences, dim, model))
+        target = int(stats.chunks) + added + need
+        now, load_s = grow_index(
+            settings, retrieve, added, need, target, tag, sentences, dim, model
+        )
         added += need
-        target = int(stats.chunks) + added
-        while True:
-            now = retrieve.GetIndexStats(retrieve_pb2.GetIndexStatsRequest(), timeout=10)
-            if now.chunks >= target and now.bm25_lag_chunks == 0:
-                break
-            if time.time() - t > 1800:
-                raise TimeoutError(f"index reached {now.chunks} of {target} chunks")
-            time.sleep(1)
-        load_s = time.time() - t
-        # Each question once per size, made unique to this run so that the first pass pays for
-        # the query embedding (the retrieve service caches it); the second pass repeats the same
-        # strings and so measures the index alone.
-        offset = (size // 1000) % len(questions)
-        qs = [
-            f"{questions[(offset + i) % len(questions)]} [{tag}/{size}]"
-            for i in range(args.queries)
-        ]
-        parts: dict[str, list[float]] = {
-            k: []
-            for k in (
-                "client_ms",
-                "server_ms",
-                "embed_ms",
-                "dense_ms",
-                "bm25_ms",
-                "cached_client_ms",
-                "cached_server_ms",
-            )
-        }
-        for q in qs:
-            start = time.perf_counter()
-            reply = retrieve.Search(retrieve_pb2.SearchRequest(query=q, k=10), timeout=10)
-            parts["client_ms"].append((time.perf_counter() - start) * 1000)
-            parts["server_ms"].append(reply.total_ms)
-            parts["embed_ms"].append(reply.embed_ms)
-            parts["dense_ms"].append(reply.dense_ms)
-            parts["bm25_ms"].append(reply.bm25_ms)
-        for q in qs:
-            start = time.perf_counter()
-            reply = retrieve.Search(retrieve_pb2.SearchRequest(query=q, k=10), timeout=10)
-            parts["cached_client_ms"].append((time.perf_counter() - start) * 1000)
-            parts["cached_server_ms"].append(reply.total_ms)
+        parts = search_latencies(retrieve, questions, size, tag, args.queries)
         result[f"{size}"] = {
             "chunks": int(now.chunks),
             "load_s": round(load_s, 1),

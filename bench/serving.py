@@ -274,6 +274,36 @@ def bench_swap(b: Bench, flips: int) -> dict[str, Any]:
     for thread in threads:
         thread.start()
     time.sleep(2)
+    swaps, call_s = flip_live(b, first, second, flips, served, lock)
+    stop.set()
+    for thread in threads:
+        thread.join(120)
+    in_model_s, in_model_wall, model_reload = load_in_model_vs_reload(b)
+    return {
+        "flips": flips,
+        "p50_swap_s": round(statistics.median(swaps), 4) if swaps else None,
+        "max_swap_s": round(max(swaps), 4) if swaps else None,
+        "p50_flip_call_s": round(statistics.median(call_s), 4),
+        "requests_during": len(served),
+        "failed_requests": len(failures),
+        "failures": failures[:5],
+        "adapter_load_in_model_s": round(in_model_s, 4),
+        "adapter_load_call_s": round(in_model_wall, 4),
+        "triton_model_reload_s": round(model_reload, 3),
+    }
+
+
+def flip_live(
+    b: Bench,
+    first: str,
+    second: str,
+    flips: int,
+    served: list[tuple[float, str]],
+    lock: threading.Lock,
+) -> tuple[list[float], list[float]]:
+    """Promotes ``second`` and rolls back to ``first`` in turn, ``flips`` times in all: the
+    seconds from each flip call to the first answer ``served`` by the new adapter (flips with
+    none within 30 s are left out), and each flip call's seconds."""
     swaps: list[float] = []
     call_s: list[float] = []
     for k in range(flips):
@@ -293,9 +323,12 @@ def bench_swap(b: Bench, flips: int) -> dict[str, Any]:
                 break
             time.sleep(0.005)
         time.sleep(0.5)
-    stop.set()
-    for thread in threads:
-        thread.join(120)
+    return swaps, call_s
+
+
+def load_in_model_vs_reload(b: Bench) -> tuple[float, float, float]:
+    """A fresh adapter's load inside the model (the model's seconds and the call's), and a
+    reload of the Triton model."""
     # Why adapters load inside the model: the alternative (an adapter per Triton model version,
     # swapped with the repository API) reloads the model, base weights included.
     fresh = register(b, random_adapters(b.settings, 1, 201)[0], load=False)
@@ -303,18 +336,7 @@ def bench_swap(b: Bench, flips: int) -> dict[str, Any]:
     in_model = b.admin.LoadAdapter(infer_pb2.LoadAdapterRequest(adapter=fresh), timeout=300)
     in_model_wall = time.perf_counter() - load_start
     model_reload = reload_model(b.settings, batching=True)
-    return {
-        "flips": flips,
-        "p50_swap_s": round(statistics.median(swaps), 4) if swaps else None,
-        "max_swap_s": round(max(swaps), 4) if swaps else None,
-        "p50_flip_call_s": round(statistics.median(call_s), 4),
-        "requests_during": len(served),
-        "failed_requests": len(failures),
-        "failures": failures[:5],
-        "adapter_load_in_model_s": round(float(in_model.load_s), 4),
-        "adapter_load_call_s": round(in_model_wall, 4),
-        "triton_model_reload_s": round(model_reload, 3),
-    }
+    return float(in_model.load_s), in_model_wall, model_reload
 
 
 def bench_adapter_cost(b: Bench, rounds: int) -> dict[str, Any]:

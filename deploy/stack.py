@@ -433,6 +433,46 @@ class Stack:
         return out
 
 
+def python_backend(server: Path, run_dir: Path) -> Path:
+    """The python backend directory under the run directory, with the stub for Python 3.11."""
+    import shutil
+
+    backend = run_dir / "triton" / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for source in (
+        server / "backends" / "python" / "libtriton_python.so",
+        server / "backends" / "python" / "triton_python_backend_utils.py",
+        server / "python_backend_stubs" / "3.11" / "triton_python_backend_stub",
+    ):
+        target = backend / source.name
+        if not target.exists() or target.stat().st_size != source.stat().st_size:
+            shutil.copy2(source, target)
+    return backend
+
+
+def triton_env(libs: Path) -> dict[str, str]:
+    """What tritonserver's environment must hold beside the inherited one (see triton_command)."""
+    import sysconfig
+
+    venv_bin = str(Path(sys.executable).parent)
+    libdir = str(sysconfig.get_config_var("LIBDIR"))
+    return {
+        "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+        "LD_LIBRARY_PATH": ":".join(
+            p for p in (libdir, str(libs), os.environ.get("LD_LIBRARY_PATH", "")) if p
+        ),
+        # The services wait passively (see services/__init__.py); the LLM's torch threads do
+        # better with libgomp's default (spin briefly, then sleep): measured in Triton at 8
+        # concurrent requests, ~50 tok/s with PASSIVE vs 60-72 with the default or ACTIVE, and
+        # ACTIVE spins a core even when idle. An empty value means the library default (libgomp
+        # warns "Invalid value" and uses it; the inherited PASSIVE must be overridden).
+        "OMP_WAIT_POLICY": os.environ.get("KS_TRITON_OMP_WAIT_POLICY", ""),
+        # The stub embeds Python without PEP 538's locale coercion: under a C/POSIX locale (CI
+        # has no LANG) its files would be read as ASCII and the tokenizer's UTF-8 breaks loading.
+        "PYTHONUTF8": "1",
+    }
+
+
 def triton_command(settings: CommonSettings, run_dir: Path) -> tuple[list[str], dict[str, str]]:
     """The tritonserver command line and the environment it needs.
 
@@ -445,8 +485,6 @@ def triton_command(settings: CommonSettings, run_dir: Path) -> tuple[list[str], 
     BYTES tensors are garbled).
     """
     import importlib.util
-    import shutil
-    import sysconfig
 
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
@@ -454,16 +492,7 @@ def triton_command(settings: CommonSettings, run_dir: Path) -> tuple[list[str], 
     package = Path(next(iter(spec.submodule_search_locations)))
     server = package / "tritonserver"
     libs = package.parent / "nvidia_pytriton.libs"
-    backend = run_dir / "triton" / "backends" / "python"
-    backend.mkdir(parents=True, exist_ok=True)
-    for source in (
-        server / "backends" / "python" / "libtriton_python.so",
-        server / "backends" / "python" / "triton_python_backend_utils.py",
-        server / "python_backend_stubs" / "3.11" / "triton_python_backend_stub",
-    ):
-        target = backend / source.name
-        if not target.exists() or target.stat().st_size != source.stat().st_size:
-            shutil.copy2(source, target)
+    backend = python_backend(server, run_dir)
     host = settings.host
     # The repository API loads and unloads models, and shared memory reaches into the server's
     # address space: both answer only requests with the stack's key (KS_TRITON_ADMIN_KEY, else
@@ -488,24 +517,7 @@ def triton_command(settings: CommonSettings, run_dir: Path) -> tuple[list[str], 
         "--exit-timeout-secs=10",
         "--log-verbose=0",
     ]
-    venv_bin = str(Path(sys.executable).parent)
-    libdir = str(sysconfig.get_config_var("LIBDIR"))
-    env = {
-        "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
-        "LD_LIBRARY_PATH": ":".join(
-            p for p in (libdir, str(libs), os.environ.get("LD_LIBRARY_PATH", "")) if p
-        ),
-        # The services wait passively (see services/__init__.py); the LLM's torch threads do
-        # better with libgomp's default (spin briefly, then sleep): measured in Triton at 8
-        # concurrent requests, ~50 tok/s with PASSIVE vs 60-72 with the default or ACTIVE, and
-        # ACTIVE spins a core even when idle. An empty value means the library default (libgomp
-        # warns "Invalid value" and uses it; the inherited PASSIVE must be overridden).
-        "OMP_WAIT_POLICY": os.environ.get("KS_TRITON_OMP_WAIT_POLICY", ""),
-        # The stub embeds Python without PEP 538's locale coercion: under a C/POSIX locale (CI
-        # has no LANG) its files would be read as ASCII and the tokenizer's UTF-8 breaks loading.
-        "PYTHONUTF8": "1",
-    }
-    return cmd, env
+    return cmd, triton_env(libs)
 
 
 def triton_ready(settings: CommonSettings) -> bool:

@@ -271,6 +271,13 @@ def check_kafka_topics(
         )
 
 
+def check_triton_readiness(doc: dict[str, Any], overlay: str, p: Problems) -> None:
+    triton = doc["spec"]["template"]["spec"]["containers"][0]
+    ready = triton.get("readinessProbe", {}).get("httpGet", {})
+    if ready.get("path") != "/v2/health/ready":
+        p.add(f"{overlay} {name_of(doc)}", "readiness is not GET /v2/health/ready")
+
+
 def check_workloads(docs: list[dict[str, Any]], overlay: str, p: Problems) -> dict[str, str]:
     """Settings, probes, addresses, volumes and GPUs of every workload; returns the shared
     settings (the knowstream-settings ConfigMap)."""
@@ -327,10 +334,7 @@ def check_workloads(docs: list[dict[str, Any]], overlay: str, p: Problems) -> di
                 check_probes(where, c, port, p)
                 reachable(f"{module} port", f"{module}:{port}")
         if name_of(doc) == "Deployment/triton":
-            triton = doc["spec"]["template"]["spec"]["containers"][0]
-            ready = triton.get("readinessProbe", {}).get("httpGet", {})
-            if ready.get("path") != "/v2/health/ready":
-                p.add(f"{overlay} {name_of(doc)}", "readiness is not GET /v2/health/ready")
+            check_triton_readiness(doc, overlay, p)
 
     check_volumes(docs, overlay, p)
     check_gpus(docs, overlay, p)

@@ -198,20 +198,7 @@ def cmd_search(args: argparse.Namespace, settings: CommonSettings) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="knowstream", description=DESCRIPTION)
-    parser.add_argument("--timeout", type=float, default=60, help="per-call deadline, seconds")
-    parser.add_argument(
-        "--token",
-        help="bearer token to present (default KS_TOKEN, else the admin token of "
-        "<run dir>/tokens.json, which make up writes)",
-    )
-    parser.add_argument(
-        "--traceparent",
-        help="W3C traceparent the command's calls carry (default: a new trace per command; "
-        "ingest and ask print its id for `knowstream trace`)",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_knowledge_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("ingest", help="ingest JSONL, PubMedQA JSON or text files")
     p.add_argument("paths", nargs="+")
     p.add_argument("--batch", type=int, default=256)
@@ -238,6 +225,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=list(MODE_NAMES), default="hybrid")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="knowstream", description=DESCRIPTION)
+    parser.add_argument("--timeout", type=float, default=60, help="per-call deadline, seconds")
+    parser.add_argument(
+        "--token",
+        help="bearer token to present (default KS_TOKEN, else the admin token of "
+        "<run dir>/tokens.json, which make up writes)",
+    )
+    parser.add_argument(
+        "--traceparent",
+        help="W3C traceparent the command's calls carry (default: a new trace per command; "
+        "ingest and ask print its id for `knowstream trace`)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_knowledge_commands(sub)
     add_serving_commands(sub)
     add_drift_commands(sub)
     add_eval_commands(sub)

@@ -324,6 +324,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--comment")
     p.set_defaults(func=cmd_feedback)
 
+    add_adapter_commands(sub)
+
+
+def add_adapter_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("adapters", help="LoRA adapters: registry, loading and rollout")
     acts = p.add_subparsers(dest="action", required=True)
     a = acts.add_parser("list")

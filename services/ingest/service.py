@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from knowstream.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from services.common import redisutil
@@ -22,7 +22,7 @@ from services.common.models import load_tokenizer
 from services.common.net import kafka_alive
 from services.common.tracing import current_trace_id, new_trace, trace_of_record
 from services.ingest.chunking import Chunker
-from services.ingest.pipeline import IngestPipeline, RawInput, summarize
+from services.ingest.pipeline import IngestPipeline, Publish, RawInput, summarize
 from services.ingest.raw import parse_raw_record
 from services.ingest.reconciler import Reconciler
 from services.ingest.registry import LogPosition, RedisDocumentRegistry
@@ -168,11 +168,8 @@ class RawDocuments:
         return rejects
 
 
-async def main() -> None:
-    settings = IngestSettings()
-    app = service_app("ingest", settings, settings.ingest_port, settings.ingest_metrics_port)
-    redis = redisutil.connect(settings.redis_url)
-    producer = make_producer(settings, "ingest")
+def log_publisher(producer: AIOKafkaProducer) -> Publish:
+    """Sends the pipeline's records and answers where each landed in the log."""
 
     async def publish(records: Sequence[tuple[str, bytes, bytes]]) -> list[LogPosition]:
         # Timestamps set here: the outbox keeps them, and the reconciler recognises its records
@@ -187,13 +184,18 @@ async def main() -> None:
             EVENTS_PRODUCED.labels("ingest", topic).inc()
         return [LogPosition(m.partition, m.offset, at) for m in sent]
 
+    return publish
+
+
+def build_pipeline(
+    settings: IngestSettings, registry: RedisDocumentRegistry, publish: Publish
+) -> IngestPipeline:
     chunker = Chunker(
         load_tokenizer(settings.embed_model),
         settings.ingest_chunk_tokens,
         settings.ingest_chunk_overlap,
     )
-    registry = RedisDocumentRegistry(redis, settings.redis_prefix)
-    pipeline = IngestPipeline(
+    return IngestPipeline(
         chunker,
         registry,
         publish,
@@ -201,6 +203,15 @@ async def main() -> None:
         settings.ingest_max_document_bytes,
         settings.ingest_check_after_s,
     )
+
+
+async def main() -> None:
+    settings = IngestSettings()
+    app = service_app("ingest", settings, settings.ingest_port, settings.ingest_metrics_port)
+    redis = redisutil.connect(settings.redis_url)
+    producer = make_producer(settings, "ingest")
+    registry = RedisDocumentRegistry(redis, settings.redis_prefix)
+    pipeline = build_pipeline(settings, registry, log_publisher(producer))
     probe = LogProbe(settings.kafka_bootstrap, "ingest-reconciler")
     reconciler = Reconciler(settings, pipeline, registry, probe, redis)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(

@@ -108,6 +108,30 @@ def _share(values: list[bool]) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+def _traffic_fields(
+    top_scores: list[float | None],
+    confidences: list[float | None],
+    signals: dict[str, float],
+    settings: MonitorSettings,
+) -> dict[str, Any]:
+    """The window's answer-quality and rollout fields (-1 where a share has no samples)."""
+    scores = [s for s in top_scores if s is not None]
+    conf = [c for c in confidences if c is not None]
+    pairs = int(signals.get("shadow_pairs", 0))
+    feedback = int(signals.get("feedback", 0))
+    return {
+        "low_confidence_share": _share([c < settings.monitor_low_confidence for c in conf]),
+        "poorly_retrieved_share": _share([s < settings.monitor_gap_score for s in scores]),
+        "mean_top_score": float(np.mean(scores)) if scores else 0.0,
+        "shadow_pairs": pairs,
+        "shadow_agreement": signals.get("shadow_agreement", 0.0) / pairs if pairs else -1.0,
+        "feedback_count": feedback,
+        "negative_feedback_share": (
+            signals.get("feedback_negative", 0.0) / feedback if feedback else -1.0
+        ),
+    }
+
+
 def compute_window(
     reference: Reference,
     reference_id: str,
@@ -129,10 +153,6 @@ def compute_window(
         window_generator(settings, index),
     )
     fired = triggers(stats, settings)
-    scores = [s for s in top_scores if s is not None]
-    conf = [c for c in confidences if c is not None]
-    pairs = int(signals.get("shadow_pairs", 0))
-    feedback = int(signals.get("feedback", 0))
     window = events_pb2.DriftWindow(
         header=new_header("monitor"),
         reference_id=reference_id,
@@ -155,15 +175,7 @@ def compute_window(
             )
             for t, w, r in stats.drifted_topics
         ],
-        low_confidence_share=_share([c < settings.monitor_low_confidence for c in conf]),
-        poorly_retrieved_share=_share([s < settings.monitor_gap_score for s in scores]),
-        mean_top_score=float(np.mean(scores)) if scores else 0.0,
-        shadow_pairs=pairs,
-        shadow_agreement=signals.get("shadow_agreement", 0.0) / pairs if pairs else -1.0,
-        feedback_count=feedback,
-        negative_feedback_share=(
-            signals.get("feedback_negative", 0.0) / feedback if feedback else -1.0
-        ),
+        **_traffic_fields(top_scores, confidences, signals, settings),
     )
     window.compute_ms = (time.perf_counter() - started) * 1000
     result = WindowResult(

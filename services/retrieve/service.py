@@ -238,6 +238,27 @@ def embedded_stream(
     )
 
 
+async def open_indexer(
+    settings: RetrieveSettings,
+    info: embed_pb2.ModelInfo,
+    store: ChunkStore,
+    stream: StreamConsumer,
+) -> Indexer:
+    """The index for the embedding model in use, loaded from the chunk store."""
+    backend = make_backend(
+        settings.retrieve_dense_backend,
+        info.dimension,
+        settings.retrieve_milvus_uri,
+        settings.retrieve_milvus_collection,
+        settings.retrieve_faiss_index,
+    )
+    indexer = Indexer(settings, HybridIndex(backend, info.dimension), store, info.model)
+    indexer.consumer = stream.consumer
+    indexer.dead_letters = stream.dead_letters
+    await indexer.load()
+    return indexer
+
+
 async def main() -> None:
     settings = RetrieveSettings()
     app = service_app("retrieve", settings, settings.retrieve_port, settings.retrieve_metrics_port)
@@ -269,18 +290,8 @@ async def main() -> None:
     async def start() -> None:
         nonlocal indexer
         info = await index_model(settings, embedder, embed_stub)
-        backend = make_backend(
-            settings.retrieve_dense_backend,
-            info.dimension,
-            settings.retrieve_milvus_uri,
-            settings.retrieve_milvus_collection,
-            settings.retrieve_faiss_index,
-        )
         await producer.start()
-        indexer = Indexer(settings, HybridIndex(backend, info.dimension), store, info.model)
-        indexer.consumer = stream.consumer
-        indexer.dead_letters = stream.dead_letters
-        await indexer.load()
+        indexer = await open_indexer(settings, info, store, stream)
         servicer.attach(indexer)
         app.spawn(indexer.rebuild_bm25(), "bm25-rebuild")
         app.spawn(indexer.watch_redis(), "redis-watch")

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from aiokafka import AIOKafkaProducer
 
 from knowstream.infer.v1 import infer_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
@@ -26,10 +27,10 @@ from services.common.streams import StreamHealth, attach, dead_letter, make_faus
 from services.llm.prompts import Passage
 from services.llm.settings import PromptSettings
 from services.llm.triton import TritonLLM
-from services.trainer.jobs import Trainer, triton_score
+from services.trainer.jobs import Publish, Trainer, triton_score
 from services.trainer.knowledge_job import remembered, triton_logprobs
 from services.trainer.settings import TrainerSettings
-from services.trainer.sources import Recipe
+from services.trainer.sources import Recipe, Search
 from services.trainer.store import TrainerStore, unfinished
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,26 @@ def recipe(settings: TrainerSettings, prompts: PromptSettings) -> Recipe:
     )
 
 
+def retrieve_search(retrieve: retrieve_pb2_grpc.RetrieveServiceStub, timeout_s: float) -> Search:
+    """The retrieve service's Search as the dataset builder's evidence source."""
+
+    async def search(question: str, k: int) -> list[Passage]:
+        reply = await retrieve.Search(
+            retrieve_pb2.SearchRequest(query=question, k=k), timeout=timeout_s
+        )
+        return [Passage(h.doc_id, h.chunk_id, h.title, h.text, h.score) for h in reply.hits]
+
+    return search
+
+
+def event_publisher(producer: AIOKafkaProducer) -> Publish:
+    async def publish(topic: str, key: str, value: bytes) -> None:
+        await producer.send_and_wait(topic, value, key=key.encode())
+        EVENTS_PRODUCED.labels("trainer", topic).inc()
+
+    return publish
+
+
 async def main() -> None:
     settings = TrainerSettings()
     infer_settings = PromptSettings()
@@ -196,27 +217,18 @@ async def main() -> None:
     store = TrainerStore(redis, settings.redis_prefix)
     retrieve_channel = channel(settings.endpoint("retrieve"))
     infer_channel = channel(settings.endpoint("infer"))
-    retrieve = retrieve_pb2_grpc.RetrieveServiceStub(retrieve_channel)
     llm = TritonLLM(settings.endpoint("triton"), settings.triton_model, message_options(settings))
-
-    async def search(question: str, k: int) -> list[Passage]:
-        reply = await retrieve.Search(
-            retrieve_pb2.SearchRequest(query=question, k=k), timeout=settings.rpc_timeout_s * 3
-        )
-        return [Passage(h.doc_id, h.chunk_id, h.title, h.text, h.score) for h in reply.hits]
-
-    async def publish(topic: str, key: str, value: bytes) -> None:
-        await producer.send_and_wait(topic, value, key=key.encode())
-        EVENTS_PRODUCED.labels("trainer", topic).inc()
 
     trainer = Trainer(
         settings,
         store,
         registry,
         infer_pb2_grpc.AdapterAdminServiceStub(infer_channel),
-        search,
+        retrieve_search(
+            retrieve_pb2_grpc.RetrieveServiceStub(retrieve_channel), settings.rpc_timeout_s * 3
+        ),
         triton_score(llm, timeout_s=120),
-        publish,
+        event_publisher(producer),
         recipe(settings, infer_settings),
         remembered(triton_logprobs(llm, timeout_s=120), store),
     )
