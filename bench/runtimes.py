@@ -27,7 +27,7 @@ from services.common.adapters import create_random_adapter, store_adapter
 from services.common.models import resolve_llm_dir
 from services.common.probes import probe_documents, pubmedqa_document
 from services.common.settings import CommonSettings
-from services.infer.engine import DecodeBatch, LLMEngine
+from services.engine.engine import DecodeBatch, LLMEngine
 from services.llm.llm import BASE, LLMRequest, LLMResult
 from services.llm.prompts import Passage, build_prompt
 

@@ -167,7 +167,7 @@ def bench_batching(b: Bench, rounds: int, passes: int) -> dict[str, Any]:
 def bench_overhead(b: Bench, repeats: int) -> dict[str, Any]:
     """Same prompt, 32 new tokens, one request at a time: Ask through gRPC + Triton vs the
     engine called in this process. The two are interleaved so drift hits both alike."""
-    from services.infer.engine import LLMEngine
+    from services.engine.engine import LLMEngine
     from services.llm.llm import LLMRequest
     from services.llm.prompts import build_prompt
 

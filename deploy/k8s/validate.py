@@ -34,7 +34,8 @@ from services.common.auth import TokenError, parse_tokens
 from services.common.kafka import all_topics
 from services.common.settings import MAX_RECORD_BYTES, REPO_ROOT, CommonSettings
 from services.embed.settings import EmbedSettings
-from services.infer.settings import EngineSettings, InferSettings
+from services.engine.settings import EngineSettings
+from services.infer.settings import InferSettings
 from services.ingest.settings import IngestSettings
 from services.monitor.settings import MonitorSettings
 from services.openai_api.settings import OpenAISettings

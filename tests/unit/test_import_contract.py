@@ -1,12 +1,13 @@
 """No service imports another service's package: shared code lives in services/common or in
-services/llm (the LLM contract), which no service owns."""
+services/llm (the LLM contract), which no service owns. The engine (services/engine, run by
+Triton) counts as a service here: infer and trainer reach it only through Triton."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-SERVICES = ("ingest", "embed", "retrieve", "infer", "monitor", "trainer", "openai_api")
+SERVICES = ("ingest", "embed", "retrieve", "infer", "monitor", "trainer", "openai_api", "engine")
 ROOT = Path(__file__).resolve().parents[2] / "services"
 IMPORT = re.compile(r"^\s*(?:from|import)\s+services\.(\w+)", re.MULTILINE)
 

@@ -13,8 +13,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from services.common.errors import ServiceError
+from services.engine.engine import LLMEngine, Scheduler
 from services.infer.answerer import Answerer
-from services.infer.engine import LLMEngine, Scheduler
 from services.infer.settings import InferSettings
 from services.llm.llm import OVERLOADED, LLMRequest, LLMResult
 from services.llm.triton import Generation, TritonLLM, TritonOverloaded, _error

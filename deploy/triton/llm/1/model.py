@@ -1,5 +1,5 @@
 """Triton python-backend model: a thin adapter between Triton requests and
-services.infer.engine.LLMEngine (all logic, and its tests, live there)."""
+services.engine.engine.LLMEngine (all logic, and its tests, live there)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's python backend
 
 from services.common.models import resolve_llm_dir
-from services.infer.engine import LLMEngine, Scheduler
-from services.infer.settings import EngineSettings
+from services.engine.engine import LLMEngine, Scheduler
+from services.engine.settings import EngineSettings
 from services.llm.llm import BASE, OVERLOADED, EngineError, LLMRequest, LLMResult
 
 log = logging.getLogger("knowstream.triton.llm")

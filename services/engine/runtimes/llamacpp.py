@@ -13,7 +13,7 @@ Why llama.cpp (issue 17), of the three CPU runtimes that install here:
   decode call (``llama_set_adapters_lora``), so rows of one step that name different adapters
   run as one decode call per adapter on the same KV cache (grouping; ONNX Runtime GenAI's
   ``set_active_adapter`` is also per generator). peft adapters convert with a few lines of
-  ``gguf`` (services/infer/runtimes/convert.py).
+  ``gguf`` (services/engine/runtimes/convert.py).
 - continuous batching is what llama.cpp's own server does: sequences join and leave a batch
   between decode calls.
 - the packaged model is a Q4_1 GGUF file: llama.cpp runs the very weights that the
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.infer.runtimes import convert
+from services.engine.runtimes import convert
 from services.llm.llm import BASE
 
 log = logging.getLogger(__name__)

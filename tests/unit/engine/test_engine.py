@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.infer.engine import LLMEngine
+from services.engine.engine import LLMEngine
 from services.llm.llm import LLMRequest
 
 
@@ -111,7 +111,7 @@ def test_an_adapter_first_loaded_by_a_score_request_leaves_later_loads_working(e
 def test_scheduler_admits_requests_between_steps_and_matches_solo_runs(engine, store):
     import threading
 
-    from services.infer.engine import Scheduler
+    from services.engine.engine import Scheduler
 
     a, b, _ = store[1]
     requests = [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.infer.engine import LLMEngine, Scheduler
-from services.infer.runtimes import SplitRuntime, convert
+from services.engine.engine import LLMEngine, Scheduler
+from services.engine.runtimes import SplitRuntime, convert
 from services.llm.llm import LLMRequest, LLMResult
 
 

@@ -3,7 +3,7 @@ generation with per-request parameters, and a score mode.
 
 It runs inside Triton's python backend (deploy/triton/llm/1/model.py is a thin wrapper around
 it) and, for tests and the overhead benchmark, in-process. The forward passes, the KV cache and
-the adapters' weights belong to a runtime (services/infer/runtimes: transformers or llama.cpp,
+the adapters' weights belong to a runtime (services/engine/runtimes: transformers or llama.cpp,
 ``KS_ENGINE_RUNTIME``); validation, the adapter LRU, sampling, stop strings, streaming,
 cancellation and continuous batching are here, the same for every runtime.
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from services.infer.runtimes import Runtime, create_runtime
+from services.engine.runtimes import Runtime, create_runtime
 from services.llm.chat import encode_prompt
 from services.llm.llm import ADAPTER_ID, BASE, EngineError, LLMRequest, LLMResult
 

@@ -3,9 +3,9 @@ cache and applies LoRA adapters. The engine above them owns everything else (val
 tokenising, the adapter LRU, sampling, stop strings, streaming, cancellation, continuous
 batching), so every runtime gets those the same way.
 
-- ``transformers`` (services/infer/runtimes/hf.py): eager torch fp32 + peft, the reference.
-- ``llamacpp`` (services/infer/runtimes/llamacpp.py): llama.cpp through llama-cpp-python,
-  with the model and adapters converted once to GGUF (services/infer/runtimes/convert.py). Why
+- ``transformers`` (services/engine/runtimes/hf.py): eager torch fp32 + peft, the reference.
+- ``llamacpp`` (services/engine/runtimes/llamacpp.py): llama.cpp through llama-cpp-python,
+  with the model and adapters converted once to GGUF (services/engine/runtimes/convert.py). Why
   llama.cpp and not ONNX Runtime GenAI or OpenVINO GenAI: see that module's docstring.
 
 ``KS_ENGINE_RUNTIME`` selects one (services/infer/settings.py).
@@ -112,11 +112,11 @@ def create_runtime(
     needs land in ``cache_dir``. For llama.cpp, a ``score_quant`` other than ``quant`` gives a
     :class:`SplitRuntime` (scores on weights of that format)."""
     if name == "transformers":
-        from services.infer.runtimes.hf import TransformersRuntime
+        from services.engine.runtimes.hf import TransformersRuntime
 
         return TransformersRuntime(model_dir, threads=threads)
     if name == "llamacpp":
-        from services.infer.runtimes.llamacpp import LlamaCppRuntime
+        from services.engine.runtimes.llamacpp import LlamaCppRuntime
 
         score_quant = str(options.pop("score_quant", "") or "")
 
