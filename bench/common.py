@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +20,12 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "pubmedqa" / "labeled.json
 def log(message: str) -> None:
     """Progress for the reader; stdout is kept for the JSON result."""
     print(message, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def load_pubmedqa(path: Path = DEFAULT_DATA) -> dict:  # type: ignore[type-arg]

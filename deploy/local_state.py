@@ -1,9 +1,11 @@
-"""The embedded stack's durable state: its own Redis and the data directories under the run
-directory.
+"""The embedded stack's durable state: its own Redis, the broker's store and the data
+directories under the run directory.
 
-The embedded broker keeps nothing on disk, so Redis holds every piece of state that must
-outlive a restart (chunks, offsets, adapters' registry and rollout, the monitor's windows, the
-trainer's jobs). The stack's own Redis therefore writes an append-only file fsync'd every
+The embedded broker (Tansu) keeps its log in an S3-compatible store on local disk
+(deploy/objectstore.py, under ``<run dir>/broker``; ``KS_BROKER_STORAGE=memory`` keeps nothing).
+Redis holds every other piece of state that must outlive a restart (chunks, offsets, the
+adapters' registry and rollout, the monitor's windows, the trainer's jobs). The stack's own
+Redis therefore writes an append-only file fsync'd every
 second (a SIGKILL loses at most the last second; the file is replayed on start) plus RDB
 snapshots, under ``<run dir>/redis``, on loopback only.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -58,6 +61,44 @@ def redis_command(port: int, data_dir: Path) -> list[str]:
         "--daemonize",
         "no",
     ]
+
+
+def broker_dir(run_dir: Path) -> Path:
+    return run_dir / "broker"
+
+
+# The bucket Tansu's s3 storage engine keeps the log in (s3://BUCKET/).
+BROKER_BUCKET = "tansu"
+
+
+def broker_store_command(port: int, data_dir: Path) -> list[str]:
+    """The embedded broker's store (deploy/objectstore.py), on loopback: it has no auth."""
+    return [
+        sys.executable,
+        "-m",
+        "deploy.objectstore",
+        "--root",
+        str(data_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--bucket",
+        BROKER_BUCKET,
+    ]
+
+
+def broker_store_env(port: int) -> dict[str, str]:
+    """What Tansu's object_store client needs to use the store: its address over plain HTTP,
+    a region, and credentials (any: the store checks none; without them the client would look
+    for a cloud's instance metadata)."""
+    return {
+        "AWS_ENDPOINT": f"http://127.0.0.1:{port}",
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "knowstream",
+        "AWS_SECRET_ACCESS_KEY": "knowstream",
+    }
 
 
 def redis_answers(host: str, port: int) -> bool:
@@ -123,11 +164,11 @@ def host_of(url: str) -> str:
 
 
 def data_paths(run_dir: Path, env: dict[str, str]) -> list[Path]:
-    """What ``make clean-data`` removes: the stack's Redis data, adapters and trainer
-    directory, only where they lie inside the run directory (a KS_ADAPTER_DIR or
+    """What ``make clean-data`` removes: the stack's Redis data, the broker's log, adapters and
+    trainer directory, only where they lie inside the run directory (a KS_ADAPTER_DIR or
     KS_TRAINER_DIR elsewhere is somebody's own data)."""
     run_dir = run_dir.resolve()
-    paths = [redis_dir(run_dir)]
+    paths = [redis_dir(run_dir), broker_dir(run_dir)]
     for name, default in (("KS_ADAPTER_DIR", "adapters"), ("KS_TRAINER_DIR", "trainer")):
         path = Path(env.get(name) or run_dir / default).resolve()
         if path != run_dir and path.is_relative_to(run_dir):

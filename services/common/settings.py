@@ -37,6 +37,18 @@ class CommonSettings(LimitSettings):
             "broker (Tansu) there when nothing answers."
         ),
     )
+    broker_storage: Literal["disk", "memory"] = Field(
+        "disk",
+        description=(
+            "Where the embedded broker `make up` starts keeps its log: `disk` = an S3-compatible "
+            "store on local disk under <run dir>/broker (deploy/objectstore.py), so a broker "
+            "restart keeps every record and committed offset; `memory` = nothing kept (a "
+            "restart empties every topic; the services then re-read and ingest re-publishes)."
+        ),
+    )
+    broker_store_port: int = Field(
+        9094, ge=1, le=65535, description="Port of the embedded broker's store (on 127.0.0.1)."
+    )
     redis_url: str = Field(
         "redis://127.0.0.1:6390/0",
         description=(

@@ -38,6 +38,7 @@ def stack(tmp_path_factory, pubmedqa):
     labelled.write_text(json.dumps({k: pubmedqa[k] for k in list(pubmedqa)[:16]}), encoding="utf-8")
     env = {
         "KS_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "KS_BROKER_STORE_PORT": str(free_port()),
         "KS_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "KS_INGEST_PORT": str(free_port()),
         "KS_EMBED_PORT": str(free_port()),

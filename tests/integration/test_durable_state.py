@@ -126,7 +126,8 @@ def test_another_redis_is_used_only_on_purpose_and_never_stopped(
         assert "redis" not in stack.components
         stack.down()
         assert local_state.redis_answers("127.0.0.1", port)
-        assert stack.status()[1]["started_by"] == "external"
+        rows = {row["component"]: row for row in stack.status()}
+        assert rows["redis"]["started_by"] == "external"
     finally:
         other.terminate()
         other.wait(10)

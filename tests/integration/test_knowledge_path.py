@@ -356,8 +356,9 @@ def test_embed_workers_share_the_chunk_stream_and_take_over(stack, ingest, retri
 
 
 def test_a_killed_broker_loses_no_acknowledged_document(stack, ingest, retrieve, pubmedqa):
-    """The failure of issue 13: documents acknowledged, the memory-only broker SIGKILLed two
-    seconds later and started again. Every acknowledged document becomes searchable, once;
+    """The failure of issue 13: documents acknowledged, the broker SIGKILLed two seconds later
+    and started again (on its log on disk; test_consumer_plumbing.py kills a memory-only one,
+    whose log starts again empty). Every acknowledged document becomes searchable, once;
     re-ingesting one that is not searchable yet publishes it again (it is not "unchanged");
     a document ingested after the restart is indexed too; every service serves again."""
     items = list(pubmedqa.items())[:100]
