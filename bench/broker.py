@@ -49,11 +49,13 @@ def one_round(bootstrap: str, topic: str, records: int, size: int) -> dict[str, 
     for future in sent:
         future.get(30)
     produce_s = time.perf_counter() - started
+    producer.close()
+    single = KafkaProducer(bootstrap_servers=bootstrap, acks="all")  # no linger: the ack alone
     started = time.perf_counter()
     for i in range(SINGLE_SENDS):
-        producer.send(f"{topic}.single", value, key=str(i).encode()).get(30)
+        single.send(f"{topic}.single", value, key=str(i).encode()).get(30)
     single_ms = (time.perf_counter() - started) / SINGLE_SENDS * 1000
-    producer.close()
+    single.close()
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=10_000)
     partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
     consumer.assign(partitions)
