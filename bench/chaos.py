@@ -12,6 +12,8 @@ through the Stack API, and count what the documents went through. One row per co
 * ``recover_s``: seconds from the kill until every document acknowledged so far (under the
   continuing load) is searchable; on a CPU near its embedding capacity this is mostly the time
   to work off the backlog built while the component was down;
+* ``restart_s``: seconds from the kill until the component answers again (a port open,
+  Triton ready, a service SERVING): for Triton, its start and model load under the load;
 * ``ask_recover_s`` (serving stacks): seconds from the kill until an Ask (no retrieval, one
   token) answers again, asked from the kill on;
 * ``state_kept``: the monitor's windows and the trainer's jobs after the restart are a
@@ -71,6 +73,7 @@ class Row:
     lost: int = 0
     duplicated: int = 0
     recover_s: float | None = None
+    restart_s: float | None = None
     failed_calls: int = 0  # ingest calls that errored (not acknowledged: the client retries)
     ask_recover_s: float | None = None
     state_kept: bool | None = None
@@ -338,7 +341,7 @@ def kill_and_recover(
     stack.stop(component, sig=signal.SIGKILL)
     probe = AskProbe(stack, killed_at, timeout_s) if serving else None
     restart(stack, component)
-    row = Row(component)
+    row = Row(component, restart_s=round(time.monotonic() - killed_at, 1))
     if probe is not None:
         row.ask_recover_s = probe.result()
     done, order = wait_indexed(stack, load, timeout_s)
@@ -472,6 +475,7 @@ def print_table(rows: list[Row]) -> None:
         "lost",
         "duplicated",
         "recover_s",
+        "restart_s",
         "ask_recover_s",
         "state_kept",
         "raw_acknowledged",
