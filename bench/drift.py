@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from knowstream.events.v1 import events_pb2
 from services.common.embedding import Embedder
 from services.common.settings import REPO_ROOT
 from services.monitor.drift import Reference, mmd2_permutation_test
-from services.monitor.policy import DriftPolicy
+from services.monitor.policy import DriftPolicy, WindowResult
 from services.monitor.settings import MonitorSettings
 from services.monitor.windowing import build_reference, compute_window, policy_config
 from services.trainer.evaluation import mesh_groups
@@ -98,6 +99,30 @@ def mesh_switch(data: Path, trials: int) -> dict[str, object]:
     }
 
 
+def question_window(
+    ref: Reference,
+    ref_id: str,
+    index: int,
+    texts: list[str],
+    vectors: dict[str, np.ndarray],
+    settings: MonitorSettings,
+) -> tuple[events_pb2.DriftWindow, WindowResult]:
+    """The monitor's window over questions alone (no retrieval scores, confidences or signals)."""
+    size = len(texts)
+    return compute_window(
+        ref,
+        ref_id,
+        index,
+        texts,
+        np.stack([vectors[t] for t in texts]),
+        [None] * size,
+        [None] * size,
+        list(range(size)),
+        {},
+        settings,
+    )
+
+
 def switch_trial(
     adult: list[str],
     child: list[str],
@@ -121,18 +146,7 @@ def switch_trial(
     for index in range(len(stream) // size):
         texts = stream[index * size : (index + 1) * size]
         start = time.perf_counter()
-        window, result = compute_window(
-            ref,
-            ref_id,
-            index,
-            texts,
-            np.stack([vectors[t] for t in texts]),
-            [None] * size,
-            [None] * size,
-            list(range(size)),
-            {},
-            settings,
-        )
+        window, result = question_window(ref, ref_id, index, texts, vectors, settings)
         window_s.append(time.perf_counter() - start)
         after_switch = index - 2  # windows 0 and 1 are adult-only
         if window.drift and after_switch < 0:
@@ -170,18 +184,7 @@ def steady(
         policy = DriftPolicy(policy_config(settings), ref_id)  # type: ignore[arg-type]
         for index in range(len(stream) // size):
             chunk = stream[index * size : (index + 1) * size]
-            window, result = compute_window(
-                ref,
-                ref_id,
-                index,
-                chunk,
-                np.stack([vectors[t] for t in chunk]),
-                [None] * size,
-                [None] * size,
-                list(range(size)),
-                {},
-                settings,  # type: ignore[arg-type]
-            )
+            window, result = question_window(ref, ref_id, index, chunk, vectors, settings)
             total += 1
             flagged += window.drift
             events += policy.observe(result) is not None
