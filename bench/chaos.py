@@ -30,6 +30,9 @@ temporary run directory), so it never touches a developer's ``make up``; ``--run
 that one instead (the ``KS_*`` environment and ``.run/``).
 
     .venv/bin/python -m bench.chaos --json [--rate 2] [--components broker,redis,...]
+
+Over 400 lines because the loads, the kills and the accounting are one experiment, and the
+tests' short form (tests/integration/test_chaos.py) runs the same functions.
 """
 
 from __future__ import annotations

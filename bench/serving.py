@@ -6,6 +6,9 @@ Triton overhead, adapter hot swap, adapter cost and PubMedQA yes/no/maybe accura
 Every section talks to the infer service (gRPC) which calls Triton; requests use
 PubMedQA questions. Generation requests are greedy with ``ignore_eos`` so every request does the
 same work (32 new tokens). The last line printed is one JSON object with every figure.
+
+Over 400 lines because it holds five sections side by side; each is a function over one shared
+load generator, so their figures are taken the same way.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ each object and its folder before answering (about 3x slower to produce, measure
 ETags are the content's MD5, computed when asked (Tansu's objects are small).
 
 Run: ``python -m deploy.objectstore --root DIR --port PORT [--host 127.0.0.1]``.
+
+Over 400 lines because it is a whole (small) server: the store, the S3 XML and HTTP handling
+belong together and nothing else uses them.
 """
 
 from __future__ import annotations

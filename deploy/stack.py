@@ -4,6 +4,10 @@ down`` / ``make status`` / ``make clean-data`` call this; so do the test fixture
 own ports and run directory.
 
 Only what this module started is recorded in ``<run dir>/stack.json``, and only that is stopped.
+
+Over 400 lines because one class starts, stops and reports every component in one place (the
+start order, the ports and stack.json are one piece of state); how a component is run lives in
+its own module where it needs more than a command line (local_state, objectstore, prometheus).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ and ports the services dial are Services of the render, probes hit the service's
 
     python -m deploy.k8s.validate                 # what `make lint-k8s` runs
     python -m deploy.k8s.validate --write-topics  # regenerate the production KafkaTopics
+
+Over 400 lines because it is a list of independent checks, each a small function, over the same
+rendered documents.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +282,19 @@ def check_triton_readiness(doc: dict[str, Any], overlay: str, p: Problems) -> No
         p.add(f"{overlay} {name_of(doc)}", "readiness is not GET /v2/health/ready")
 
 
+def check_dialled_addresses(
+    settings: dict[str, str], reachable: Callable[[str, str], None]
+) -> None:
+    """The service hosts and the Kafka bootstrap the shared settings name."""
+    for key, port_field in HOST_PORTS.items():
+        if key in settings:
+            reachable(key, f"{settings[key]}:{int_setting(settings, port_field)}")
+    bootstrap = settings.get("KS_KAFKA_BOOTSTRAP", "")
+    if "." not in bootstrap.split(":")[0]:  # in-cluster short name: must be in the render
+        for address in bootstrap.split(","):
+            reachable("KS_KAFKA_BOOTSTRAP", address)
+
+
 def check_workloads(docs: list[dict[str, Any]], overlay: str, p: Problems) -> dict[str, str]:
     """Settings, probes, addresses, volumes and GPUs of every workload; returns the shared
     settings (the knowstream-settings ConfigMap)."""
@@ -304,14 +320,7 @@ def check_workloads(docs: list[dict[str, Any]], overlay: str, p: Problems) -> di
         elif int(port) not in services[host.split(".")[0]]:
             p.add(overlay, f"{what} {host_port}: Service {host} has no port {port}")
 
-    for key, port_field in HOST_PORTS.items():
-        if key in settings:
-            reachable(key, f"{settings[key]}:{int_setting(settings, port_field)}")
-    bootstrap = settings.get("KS_KAFKA_BOOTSTRAP", "")
-    if "." not in bootstrap.split(":")[0]:  # in-cluster short name: must be in the render
-        for address in bootstrap.split(","):
-            reachable("KS_KAFKA_BOOTSTRAP", address)
-
+    check_dialled_addresses(settings, reachable)
     for doc in docs:
         for c in containers(doc):
             where = f"{overlay} {name_of(doc)} {c['name']}"

@@ -12,6 +12,8 @@ gains on its knowledge probes, the drift report PNG and one JSON line of every f
 A gate that refuses the adapter is reported as such and the demo goes on to the report: that is
 the platform working. The demo needs a fresh stack (``make clean-data``): a live adapter or
 earlier jobs would change what the trainer learns from.
+
+Over 400 lines because the demo is one story told in stages, each a short function, in order.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ M, P and C keep only probes the parent (live) model gets wrong ("to-learn"), so 
 accuracy under the parent is 0 and under the adapter is its gain. The scoring is a function
 (prompt, candidates, adapter) -> log-probabilities: Triton's score mode in the services, torch
 in the training child.
+
+Over 400 lines because the tiers, their scoring and the gate's statistics are one definition
+that the gate, `knowstream eval knowledge` and bench.learning must share exactly.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ it) and, for tests and the overhead benchmark, in-process. The forward passes, t
 the adapters' weights belong to a runtime (services/engine/runtimes: transformers or llama.cpp,
 ``KS_ENGINE_RUNTIME``); validation, the adapter LRU, sampling, stop strings, streaming,
 cancellation and continuous batching are here, the same for every runtime.
+
+Over 400 lines because the scheduler (admission, continuous batching) and the engine's prepare,
+prefill, decode and score steps work on the same request and batch state.
 """
 
 from __future__ import annotations

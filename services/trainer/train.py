@@ -13,6 +13,9 @@ Two backends with the same data, model and loop: ``deepspeed`` (ZeRO stage 2, gr
 accumulation, bf16 where the CPU/GPU has it; ``DS_ACCELERATOR=cpu`` here, the deepspeed launcher
 with several GPUs in production) and ``torch`` (a plain torch + peft loop, the benchmark's
 baseline).
+
+Over 400 lines because both backends and the resume, EWC and progress protocol they share run
+in one child process, started as one module.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The knowledge path end to end over the real broker, Redis and services."""
+"""The knowledge path end to end over the real broker, Redis and services.
+
+Over 400 lines because these are one area's integration tests on the session stack, sharing
+the module's clients and data; split, each part would repeat the fixtures."""
 
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ the question, its query embedding and the retrieved chunks. The tests build thes
 the real retrieve service's answers (a real LLM answer per question would take minutes on this
 CPU and does not change what the monitor reads); one test checks the infer service's own
 events reach the monitor.
+
+Over 400 lines because these are one area's integration tests on the session stack, sharing
+the module's clients and data; split, each part would repeat the fixtures.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The serving path through the real Triton server (SmolLM2-135M-Instruct, python backend),
-the broker and Redis: answers with citations, streaming, hot swap, shadow, canary, errors."""
+the broker and Redis: answers with citations, streaming, hot swap, shadow, canary, errors.
+
+Over 400 lines because these are one area's integration tests on the session stack, sharing
+the module's clients and data; split, each part would repeat the fixtures."""
 
 from __future__ import annotations
 

@@ -2,7 +2,10 @@
 CPU) in a child process, survives its trainer being killed, passes the gate (Triton score mode
 with retrieved passages, perplexity on general English), is registered with lineage, goes to
 shadow and is promoted by the policy; an adapter failing the gate is kept out; retrain requests
-are validated, de-duplicated and dead-lettered."""
+are validated, de-duplicated and dead-lettered.
+
+Over 400 lines because these are one area's integration tests on the session stack, sharing
+the module's clients and data; split, each part would repeat the fixtures."""
 
 from __future__ import annotations
 
