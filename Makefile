@@ -24,7 +24,7 @@ help:
 	@echo "make clean-data  make down, then remove the stack's data (Redis, adapters, trainer jobs)"
 	@echo "make status  show each component"
 	@echo "make bootstrap  ingest the labelled PubMedQA abstracts, learn 50 of them, make it live"
-	@echo "make demo    the loop end to end on a fresh stack (make clean-data first), ~15 min"
+	@echo "make demo    the loop end to end on a fresh stack (make clean-data first), ~6 min"
 	@echo "make test    run the test suite (starts its own stack on free ports)"
 	@echo "make lint    ruff + ruff format --check + mypy"
 	@echo "make docs    regenerate README.md's settings reference from the settings classes"
