@@ -18,10 +18,10 @@ LLAMA_WHEELS := $(or $(KS_CACHE_DIR),.cache)/wheels
 
 help:
 	@echo "make setup   create $(VENV) and install everything (pinned)"
-	@echo "make up      start broker, the stack's own durable Redis and every service; waits for SERVING"
+	@echo "make up      start the broker on its log on disk, the stack's own durable Redis and every service; waits for SERVING"
 	@echo "make up PROMETHEUS=1  the same, plus a Prometheus scraping every service (.run/prometheus)"
 	@echo "make down    stop what 'make up' started (its data stays under .run/)"
-	@echo "make clean-data  make down, then remove the stack's data (Redis, adapters, trainer jobs)"
+	@echo "make clean-data  make down, then remove the stack's data (broker log, Redis, adapters, trainer jobs)"
 	@echo "make status  show each component"
 	@echo "make bootstrap  ingest the labelled PubMedQA abstracts, learn 50 of them, make it live"
 	@echo "make demo    the loop end to end on a fresh stack (make clean-data first), ~6 min"
