@@ -100,10 +100,12 @@ class ObjectStore:
         self.existing_bucket(bucket)
         path = self.path(bucket, key)
         with self.lock:
-            current = etag_of(path.read_bytes()) if path.exists() else None
-            if if_none_match == "*" and current is not None:
+            # Only a conditional write reads what is there (most writes are new record batches).
+            if if_none_match == "*" and path.exists():
                 raise S3Error(HTTPStatus.PRECONDITION_FAILED, "PreconditionFailed", "key exists")
-            if if_match is not None and (current is None or not etag_matches(if_match, current)):
+            if if_match is not None and (
+                not path.exists() or not etag_matches(if_match, etag_of(path.read_bytes()))
+            ):
                 raise S3Error(HTTPStatus.PRECONDITION_FAILED, "PreconditionFailed", "etag differs")
             self.counter += 1
             tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{self.counter}"
@@ -124,23 +126,19 @@ class ObjectStore:
         with self.lock:
             path.unlink(missing_ok=True)
 
-    def keys(self, bucket: str, prefix: str) -> list[tuple[str, os.stat_result]]:
+    def keys(self, bucket: str, prefix: str) -> list[str]:
+        """The bucket's keys that start with ``prefix``, sorted."""
         root = self.existing_bucket(bucket)
         # Walk only below the prefix's folder part.
         start = root / prefix.rpartition("/")[0] if "/" in prefix else root
         found = []
         for dirpath, _, files in os.walk(start):
             for name in files:
-                if not name.endswith(SUFFIX):
-                    continue
-                full = Path(dirpath) / name
-                key = full.relative_to(root).as_posix()[: -len(SUFFIX)]
-                if key.startswith(prefix):
-                    try:
-                        found.append((key, full.stat()))
-                    except FileNotFoundError:  # deleted while listed
-                        continue
-        return sorted(found, key=lambda kv: kv[0])
+                if name.endswith(SUFFIX):
+                    key = (Path(dirpath) / name).relative_to(root).as_posix()[: -len(SUFFIX)]
+                    if key.startswith(prefix):
+                        found.append(key)
+        return sorted(found)
 
 
 def etag_of(body: bytes) -> str:
@@ -192,32 +190,37 @@ def list_objects(store: ObjectStore, bucket: str, query: dict[str, str]) -> byte
     if delimiter:
         element(result, "Delimiter", delimiter)
     element(result, "MaxKeys", str(limit))
-    entries: list[tuple[str, os.stat_result | None]] = []
-    seen_prefixes: set[str] = set()
-    for key, st in store.keys(bucket, prefix):
-        if delimiter and delimiter in key[len(prefix) :]:
-            common = key[: len(prefix) + key[len(prefix) :].index(delimiter) + len(delimiter)]
-            if common in seen_prefixes:
+    entries: list[tuple[str, bool]] = []  # (key or common prefix, is a common prefix)
+    for key in store.keys(bucket, prefix):
+        rest = key[len(prefix) :]
+        if delimiter and delimiter in rest:
+            entry = (prefix + rest[: rest.index(delimiter) + len(delimiter)], True)
+            if entries and entries[-1] == entry:  # keys are sorted: a prefix's keys are adjacent
                 continue
-            seen_prefixes.add(common)
-            entry: tuple[str, os.stat_result | None] = (common, None)
         else:
-            entry = (key, st)
-        if entry[0] <= after:
-            continue
-        entries.append(entry)
+            entry = (key, False)
+        if entry[0] > after:
+            entries.append(entry)
     truncated = len(entries) > limit
     entries = entries[:limit]
-    for name, stat in entries:
-        if stat is None:
+    listed = 0
+    for name, common in entries:
+        if common:
             element(element(result, "CommonPrefixes"), "Prefix", name)
-        else:
-            contents = element(result, "Contents")
-            element(contents, "Key", name)
-            element(contents, "LastModified", iso_date(stat))
-            element(contents, "Size", str(stat.st_size))
-            element(contents, "StorageClass", "STANDARD")
-    element(result, "KeyCount", str(len(entries)))
+            listed += 1
+            continue
+        # Only the keys returned are looked at (Tansu lists a partition on every fetch).
+        try:
+            stat = store.path(bucket, name).stat()
+        except FileNotFoundError:  # deleted since it was listed
+            continue
+        contents = element(result, "Contents")
+        element(contents, "Key", name)
+        element(contents, "LastModified", iso_date(stat))
+        element(contents, "Size", str(stat.st_size))
+        element(contents, "StorageClass", "STANDARD")
+        listed += 1
+    element(result, "KeyCount", str(listed))
     element(result, "IsTruncated", "true" if truncated else "false")
     if truncated:
         element(result, "NextContinuationToken", entries[-1][0])
@@ -342,8 +345,7 @@ class Handler(BaseHTTPRequestHandler):
         if source:
             result = ET.Element("CopyObjectResult", xmlns=S3_NS)
             element(result, "ETag", etag)
-            _, st = store.read(bucket, key)
-            element(result, "LastModified", iso_date(st))
+            element(result, "LastModified", iso_date(store.path(bucket, key).stat()))
             return self._send(HTTPStatus.OK, xml(result), {"Content-Type": "application/xml"})
         self._send(HTTPStatus.OK, headers={"ETag": etag})
 
