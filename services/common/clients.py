@@ -37,7 +37,7 @@ T = TypeVar("T")
 # A peer that restarts is dialled again within a second of answering: with gRPC's default
 # reconnect backoff (1 s, growing 1.6x up to 120 s) infer answered 4.7 s after a Triton that
 # had been down 13 s was ready (bench.chaos).
-RECONNECT_OPTIONS: list[tuple[str, Any]] = [
+_RECONNECT_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -45,8 +45,9 @@ RECONNECT_OPTIONS: list[tuple[str, Any]] = [
 
 
 def client_options(settings: CommonSettings) -> list[tuple[str, Any]]:
-    """Options of every client channel: message limits, TLS name override, reconnection."""
-    return [*message_options(settings), *channel_options(settings), *RECONNECT_OPTIONS]
+    """Options of every client channel, the Triton client's included: message limits, TLS name
+    override (ignored on a plain channel), reconnection."""
+    return [*message_options(settings), *channel_options(settings), *_RECONNECT_OPTIONS]
 
 
 _service_identity = False

@@ -21,8 +21,8 @@ from knowstream.retrieve.v1 import retrieve_pb2_grpc
 from services.common.adapters import (
     AdapterRegistry,
 )
-from services.common.clients import RECONNECT_OPTIONS, channel, is_serving
-from services.common.grpcserver import GrpcApp, message_options, service_app
+from services.common.clients import channel, client_options, is_serving
+from services.common.grpcserver import GrpcApp, service_app
 from services.common.kafka import make_producer, new_header
 from services.common.net import kafka_alive
 from services.common.publisher import EventPublisher
@@ -115,11 +115,7 @@ def build(
     app: GrpcApp, settings: InferSettings
 ) -> tuple[Answerer, AIOKafkaProducer, TritonLLM, Any]:
     redis = connect(settings.redis_url)
-    llm = TritonLLM(
-        settings.endpoint("triton"),
-        settings.triton_model,
-        [*message_options(settings), *RECONNECT_OPTIONS],
-    )
+    llm = TritonLLM(settings.endpoint("triton"), settings.triton_model, client_options(settings))
     retrieve_channel = channel(settings.endpoint("retrieve"))
     producer = make_producer(settings, "infer")
     answerer = Answerer(

@@ -129,8 +129,8 @@ def _error(exc: InferenceServerException, url: str) -> Exception:
 
 class TritonLLM:
     def __init__(self, url: str, model: str, channel_args: list[tuple[str, Any]] | None = None):
-        """``channel_args``: gRPC options, e.g. the message size limits the services use
-        (services.common.grpcserver.message_options); None = tritonclient's defaults."""
+        """``channel_args``: gRPC options, those of every client channel
+        (services.common.clients.client_options); None = tritonclient's defaults."""
         self.url = url
         self.model = model
         if channel_args is not None:

@@ -16,9 +16,9 @@ from knowstream.infer.v1 import infer_pb2_grpc
 from knowstream.retrieve.v1 import retrieve_pb2, retrieve_pb2_grpc
 from knowstream.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.adapters import AdapterRegistry
-from services.common.clients import RECONNECT_OPTIONS, channel, is_serving
+from services.common.clients import channel, client_options, is_serving
 from services.common.errors import InvalidArgument, NotFound
-from services.common.grpcserver import message_options, service_app
+from services.common.grpcserver import service_app
 from services.common.kafka import BadEvent, make_producer
 from services.common.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED
 from services.common.net import kafka_alive
@@ -217,11 +217,7 @@ async def main() -> None:
     store = TrainerStore(redis, settings.redis_prefix)
     retrieve_channel = channel(settings.endpoint("retrieve"))
     infer_channel = channel(settings.endpoint("infer"))
-    llm = TritonLLM(
-        settings.endpoint("triton"),
-        settings.triton_model,
-        [*message_options(settings), *RECONNECT_OPTIONS],
-    )
+    llm = TritonLLM(settings.endpoint("triton"), settings.triton_model, client_options(settings))
 
     trainer = Trainer(
         settings,
