@@ -1,8 +1,8 @@
 """Chaos under load: while documents stream in through gRPC and the raw topic (and, with
 serving components, Ask calls go on), SIGKILL the broker, its store, Redis, embed, retrieve
-and ingest —
-and with ``--full`` also infer, Triton, the monitor and the trainer — in turn, start each again
-through the Stack API, and count what the documents went through. One row per component:
+and ingest — and with ``--full`` also infer, Triton, the monitor and the trainer — in turn,
+start each again through the Stack API, and count what the documents went through. One row per
+component:
 
 * ``acknowledged``: documents whose IngestDocuments call returned (from the previous kill on);
 * ``indexed``: of those, how many are searchable with all their chunks at the end (after the
@@ -506,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     every = (*COMPONENTS, *SERVING) if args.full or args.running else COMPONENTS
     components = [c for c in args.components.split(",") if c] or list(every)
     texts = ["\n".join(item["CONTEXTS"]) for item in load_pubmedqa(args.data).values()]
-    if CommonSettings().broker_storage == "memory":
+    memory_broker = CommonSettings().broker_storage == "memory"
+    if memory_broker:
         components = [c for c in components if c != "broker-store"]
     started = time.monotonic()
     if args.running:
@@ -528,7 +529,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
     else:
         print_table(rows)
-    memory_broker = CommonSettings().broker_storage == "memory"
     ok = all(
         r.lost == 0
         and r.duplicated == 0

@@ -69,10 +69,12 @@ def broker_dir(run_dir: Path) -> Path:
 
 # The bucket Tansu's s3 storage engine keeps the log in (s3://BUCKET/).
 BROKER_BUCKET = "tansu"
+# The store checks no credentials: it listens on loopback only, whatever KS_HOST says.
+BROKER_STORE_HOST = "127.0.0.1"
 
 
 def broker_store_command(port: int, data_dir: Path) -> list[str]:
-    """The embedded broker's store (deploy/objectstore.py), on loopback: it has no auth."""
+    """The embedded broker's store (deploy/objectstore.py)."""
     return [
         sys.executable,
         "-m",
@@ -80,7 +82,7 @@ def broker_store_command(port: int, data_dir: Path) -> list[str]:
         "--root",
         str(data_dir),
         "--host",
-        "127.0.0.1",
+        BROKER_STORE_HOST,
         "--port",
         str(port),
         "--bucket",
@@ -93,7 +95,7 @@ def broker_store_env(port: int) -> dict[str, str]:
     a region, and credentials (any: the store checks none; without them the client would look
     for a cloud's instance metadata)."""
     return {
-        "AWS_ENDPOINT": f"http://127.0.0.1:{port}",
+        "AWS_ENDPOINT": f"http://{BROKER_STORE_HOST}:{port}",
         "AWS_ALLOW_HTTP": "true",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ACCESS_KEY_ID": "knowstream",

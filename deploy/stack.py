@@ -211,17 +211,17 @@ class Stack:
 
     def start_broker_store(self) -> None:
         """The broker's log on disk (deploy/objectstore.py), under <run dir>/broker."""
-        port = self.settings.broker_store_port
+        host, port = local_state.BROKER_STORE_HOST, self.settings.broker_store_port
         c = self.components.get("broker-store")
         if c and pid_alive(c.pid):
             return
-        if port_open("127.0.0.1", port):
+        if port_open(host, port):
             raise RuntimeError(
                 f"port {port} for the broker's store is taken; set KS_BROKER_STORE_PORT"
             )
         data_dir = local_state.broker_dir(self.run_dir)
         self._spawn("broker-store", local_state.broker_store_command(port, data_dir), port)
-        _wait(lambda: port_open("127.0.0.1", port), 30, "broker-store", self)
+        _wait(lambda: port_open(host, port), 30, "broker-store", self)
 
     def start_redis(self) -> None:
         """The stack's own durable Redis, or an external one named on purpose (the rule is in
@@ -378,7 +378,8 @@ class Stack:
         rows = []
         parts = [("broker", host, self.kafka_port), ("redis", host, self.redis_port)]
         if self.settings.broker_storage == "disk":
-            parts.insert(1, ("broker-store", "127.0.0.1", self.settings.broker_store_port))
+            store = ("broker-store", local_state.BROKER_STORE_HOST, self.settings.broker_store_port)
+            parts.insert(1, store)
         for name, at, port in parts:
             c = self.components.get(name)
             answers = (
